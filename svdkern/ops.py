@@ -1,0 +1,278 @@
+"""The functional API of svdkern: five differentiable ops over SVD factors.
+
+    compose(U, s, V)                  W = (U·diag(s))·Vᵀ
+    compose_grouped(Us, ss, Vs)       [compose(U, s, V) for each layer], one call
+    lowrank_linear(x, U, s, V, bias)  y = ((x·V)·diag(s))·Uᵀ + bias
+    orth_loss(mats)                   Σ ‖MᵀM − I‖²_F / r²   (fp32 scalar)
+    sparsity_loss(svals, kind)        Σ R(s), R ∈ {l1, hoyer, hoyer_square}   (fp32 scalar)
+
+Each op is `torch.ops.svdkern.<name>`, defined in C++ (`svdkern._C`) with a
+CPU kernel and autograd; this module adds the fake kernels that let
+torch.compile trace the ops and registers the Triton kernels as their CUDA
+implementation. If `svdkern._C` cannot be loaded, the functions run
+`svdkern.reference` instead (one warning); `backend()` says which
+implementation serves each device.
+
+Environment:
+    SVDKERN_BACKEND=triton   also serve CPU tensors with the Triton kernels
+                             (with TRITON_INTERPRET=1: tests of the kernels
+                             without a GPU).
+    SVDKERN_BACKEND=reference  ignore `_C` and run the reference everywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+
+from svdkern import reference
+from svdkern._checks import (
+    check_factors,
+    check_grouped,
+    check_lowrank_input,
+    check_mats,
+    check_svals,
+)
+
+__all__ = [
+    "backend",
+    "compose",
+    "compose_grouped",
+    "lowrank_linear",
+    "orth_loss",
+    "sparsity_loss",
+]
+
+OP_NAMES = (
+    "compose",
+    "compose_backward",
+    "compose_grouped",
+    "compose_grouped_backward",
+    "lowrank_linear",
+    "lowrank_linear_backward",
+    "orth_loss",
+    "orth_loss_backward",
+    "sparsity_loss",
+    "sparsity_loss_backward",
+)
+
+_BACKEND_ENV = os.environ.get("SVDKERN_BACKEND", "").strip().lower()
+if _BACKEND_ENV not in ("", "triton", "reference", "cpp"):
+    raise ValueError(
+        f"SVDKERN_BACKEND must be one of 'cpp', 'triton', 'reference' or unset, "
+        f"got {_BACKEND_ENV!r}"
+    )
+
+
+def _load_extension() -> bool:
+    if _BACKEND_ENV == "reference":
+        return False
+    try:
+        from svdkern import _C  # noqa: F401  (loading it registers torch.ops.svdkern.*)
+    except ImportError as exc:
+        warnings.warn(
+            f"svdkern._C could not be loaded ({exc}); svdkern runs the plain-PyTorch "
+            "reference ops instead. Rebuild with `make install` for the C++/Triton kernels.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
+_HAS_C = _load_extension()
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def _triton_impls() -> dict[str, Callable]:
+    from svdkern import kernels
+
+    return kernels.IMPLS
+
+
+def _triton_impl(name: str) -> Callable:
+    def impl(*args):
+        return _triton_impls()[name](*args)
+
+    impl.__name__ = f"{name}_triton"
+    return impl
+
+
+def _register_fakes() -> None:
+    def like_loss(t: torch.Tensor) -> torch.Tensor:
+        return t.new_empty((), dtype=reference.loss_dtype(t.dtype))
+
+    @torch.library.register_fake("svdkern::compose")
+    def _(U, s, V):
+        check_factors("compose", U, s, V)
+        return U.new_empty((U.shape[0], V.shape[0]))
+
+    @torch.library.register_fake("svdkern::compose_backward")
+    def _(grad_W, U, s, V):
+        return torch.empty_like(U), torch.empty_like(s), torch.empty_like(V)
+
+    @torch.library.register_fake("svdkern::compose_grouped")
+    def _(Us, ss, Vs):
+        check_grouped("compose_grouped", Us, ss, Vs)
+        return [U.new_empty((U.shape[0], V.shape[0])) for U, V in zip(Us, Vs)]
+
+    @torch.library.register_fake("svdkern::compose_grouped_backward")
+    def _(grad_Ws, Us, ss, Vs):
+        return (
+            [torch.empty_like(U) for U in Us],
+            [torch.empty_like(s) for s in ss],
+            [torch.empty_like(V) for V in Vs],
+        )
+
+    @torch.library.register_fake("svdkern::lowrank_linear")
+    def _(x, U, s, V, bias=None):
+        check_lowrank_input("lowrank_linear", x, U, s, V, bias)
+        return x.new_empty((*x.shape[:-1], U.shape[0]))
+
+    @torch.library.register_fake("svdkern::lowrank_linear_backward")
+    def _(grad_y, x, U, s, V, bias_grad):
+        grad_bias = U.new_empty((U.shape[0],) if bias_grad else (0,))
+        return (
+            torch.empty_like(x),
+            torch.empty_like(U),
+            torch.empty_like(s),
+            torch.empty_like(V),
+            grad_bias,
+        )
+
+    @torch.library.register_fake("svdkern::orth_loss")
+    def _(mats):
+        check_mats("orth_loss", mats)
+        return like_loss(mats[0])
+
+    @torch.library.register_fake("svdkern::orth_loss_backward")
+    def _(grad, mats):
+        return [torch.empty_like(M) for M in mats]
+
+    @torch.library.register_fake("svdkern::sparsity_loss")
+    def _(svals, kind):
+        check_svals("sparsity_loss", svals, kind)
+        return like_loss(svals[0])
+
+    @torch.library.register_fake("svdkern::sparsity_loss_backward")
+    def _(grad, svals, kind):
+        return [torch.empty_like(s) for s in svals]
+
+
+_LIB: torch.library.Library | None = None
+
+
+def _register_triton(dispatch_key: str) -> None:
+    global _LIB
+    _LIB = torch.library.Library("svdkern", "IMPL")
+    with warnings.catch_warnings():
+        # Overriding the C++ CPU kernel (interpreter mode) warns once per op; that is the intent.
+        warnings.simplefilter("ignore", UserWarning)
+        for name in OP_NAMES:
+            _LIB.impl(name, _triton_impl(name), dispatch_key)
+
+
+if _HAS_C:
+    _register_fakes()
+    if _HAS_TRITON:
+        _register_triton("CUDA")
+        if _BACKEND_ENV == "triton":
+            _register_triton("CPU")
+elif _BACKEND_ENV == "triton":
+    raise RuntimeError("SVDKERN_BACKEND=triton needs svdkern._C, which could not be loaded")
+
+
+def backend() -> dict[str, str]:
+    """Which implementation serves each device: 'cpp', 'triton' or 'reference'.
+
+    Example: ``svdkern.backend()`` → ``{'cpu': 'cpp', 'cuda': 'triton'}``.
+    """
+    if not _HAS_C:
+        return {"cpu": "reference", "cuda": "reference"}
+    return {
+        "cpu": "triton" if _BACKEND_ENV == "triton" else "cpp",
+        "cuda": "triton" if _HAS_TRITON else "unavailable (install triton)",
+    }
+
+
+def compose(U: torch.Tensor, s: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """W = (U·diag(s))·Vᵀ.
+
+    Args:
+        U: (m, r) left factor.  s: (r,) singular values.  V: (n, r) right factor.
+    Returns:
+        W: (m, n), in the factors' dtype.
+
+    Example::
+
+        W = svdkern.ops.compose(U, s, V)  # equals U @ torch.diag(s) @ V.T
+    """
+    if not _HAS_C:
+        check_factors("compose", U, s, V)
+        return reference.compose(U, s, V)
+    return torch.ops.svdkern.compose(U, s, V)
+
+
+def compose_grouped(
+    Us: Sequence[torch.Tensor], ss: Sequence[torch.Tensor], Vs: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """[compose(U, s, V) for each layer] in one op call (one launch per direction on CUDA).
+
+    All factors share one dtype and device; shapes may differ per layer.
+    """
+    Us, ss, Vs = list(Us), list(ss), list(Vs)
+    if not _HAS_C:
+        check_grouped("compose_grouped", Us, ss, Vs)
+        return reference.compose_grouped(Us, ss, Vs)
+    return list(torch.ops.svdkern.compose_grouped(Us, ss, Vs))
+
+
+def lowrank_linear(
+    x: torch.Tensor,
+    U: torch.Tensor,
+    s: torch.Tensor,
+    V: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = ((x·V)·diag(s))·Uᵀ + bias, without forming W.
+
+    Args:
+        x: (..., n) input.  U: (m, r).  s: (r,).  V: (n, r).  bias: (m,) or None.
+    Returns:
+        y: (..., m).
+    """
+    if not _HAS_C:
+        check_lowrank_input("lowrank_linear", x, U, s, V, bias)
+        return reference.lowrank_linear(x, U, s, V, bias)
+    return torch.ops.svdkern.lowrank_linear(x, U, s, V, bias)
+
+
+def orth_loss(mats: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ_M ‖MᵀM − I‖²_F / r² over 2-D matrices M (k×r) in one op call; fp32 scalar.
+
+    Pass every layer's U and V: ``orth_loss([l.U for l in layers] + [l.V for l in layers])``.
+    """
+    mats = list(mats)
+    if not _HAS_C:
+        check_mats("orth_loss", mats)
+        return reference.orth_loss(mats)
+    return torch.ops.svdkern.orth_loss(mats)
+
+
+def sparsity_loss(svals: Sequence[torch.Tensor], kind: str = "hoyer") -> torch.Tensor:
+    """Σ_s R(s) over 1-D vectors s in one op call; fp32 scalar.
+
+    kind: "l1" (‖s‖₁), "hoyer" (‖s‖₁/‖s‖₂) or "hoyer_square" (‖s‖₁²/‖s‖₂²).
+    """
+    svals = list(svals)
+    if not _HAS_C:
+        check_svals("sparsity_loss", svals, kind)
+        return reference.sparsity_loss(svals, kind)
+    return torch.ops.svdkern.sparsity_loss(svals, kind)
+
