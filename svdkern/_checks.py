@@ -55,26 +55,24 @@ def check_factors(op: str, U, s, V) -> None:
         raise ValueError(f"{op}: rank must be >= 1, got U of shape {_shape(U)}")
     if s.shape[0] != r:
         raise ValueError(
-            f"{op}: s must have shape ({r},) to match U of shape {_shape(U)}, "
-            f"got shape {_shape(s)}"
+            f"{op}: s must have shape ({r},) to match U of shape {_shape(U)}, got shape {_shape(s)}"
         )
     if V.shape[1] != r:
         raise ValueError(
-            f"{op}: V must have {r} columns to match U of shape {_shape(U)}, "
-            f"got shape {_shape(V)}"
+            f"{op}: V must have {r} columns to match U of shape {_shape(U)}, got shape {_shape(V)}"
         )
     _check_same(op, "U", U, "s", s)
     _check_same(op, "U", U, "V", V)
 
 
-def _check_nonempty(op: str, name: str, items: Sequence) -> None:
+def check_nonempty(op: str, name: str, items: Sequence) -> None:
     if len(items) == 0:
         raise ValueError(f"{op}: {name} must be a non-empty list of tensors, got an empty list")
 
 
 def check_grouped(op: str, Us: Sequence, ss: Sequence, Vs: Sequence) -> None:
     """Lists of equal length ≥ 1, each triple valid, one dtype and device for all."""
-    _check_nonempty(op, "Us", Us)
+    check_nonempty(op, "Us", Us)
     if not len(Us) == len(ss) == len(Vs):
         raise ValueError(
             f"{op}: Us, ss and Vs must have the same length, got {len(Us)}, {len(ss)}, {len(Vs)}"
@@ -109,7 +107,7 @@ def check_lowrank_input(op: str, x, U, s, V, bias) -> None:
 
 def check_mats(op: str, mats: Sequence) -> None:
     """A non-empty list of 2-D floating matrices (k×r, r ≥ 1), one dtype and device."""
-    _check_nonempty(op, "mats", mats)
+    check_nonempty(op, "mats", mats)
     for i, M in enumerate(mats):
         _check_tensor(op, f"mats[{i}]", M, 2, "(k, r)")
         if M.shape[1] < 1:
@@ -122,7 +120,7 @@ def check_svals(op: str, svals: Sequence, kind: str) -> None:
     """A non-empty list of 1-D floating vectors, one dtype and device; kind known."""
     if kind not in SPARSITY_KINDS:
         raise ValueError(f"{op}: kind must be one of {SPARSITY_KINDS}, got {kind!r}")
-    _check_nonempty(op, "svals", svals)
+    check_nonempty(op, "svals", svals)
     for i, s in enumerate(svals):
         _check_tensor(op, f"svals[{i}]", s, 1, "(r,)")
         if s.shape[0] < 1:

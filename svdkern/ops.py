@@ -33,6 +33,7 @@ import torch
 from svdkern import reference
 from svdkern._checks import (
     check_factors,
+    check_nonempty,
     check_grouped,
     check_lowrank_input,
     check_mats,
@@ -230,6 +231,7 @@ def compose_grouped(
     if not _HAS_C:
         check_grouped("compose_grouped", Us, ss, Vs)
         return reference.compose_grouped(Us, ss, Vs)
+    check_nonempty("compose_grouped", "Us", Us)  # the dispatcher needs a tensor to dispatch on
     return list(torch.ops.svdkern.compose_grouped(Us, ss, Vs))
 
 
@@ -262,6 +264,7 @@ def orth_loss(mats: Sequence[torch.Tensor]) -> torch.Tensor:
     if not _HAS_C:
         check_mats("orth_loss", mats)
         return reference.orth_loss(mats)
+    check_nonempty("orth_loss", "mats", mats)
     return torch.ops.svdkern.orth_loss(mats)
 
 
@@ -274,5 +277,5 @@ def sparsity_loss(svals: Sequence[torch.Tensor], kind: str = "hoyer") -> torch.T
     if not _HAS_C:
         check_svals("sparsity_loss", svals, kind)
         return reference.sparsity_loss(svals, kind)
+    check_nonempty("sparsity_loss", "svals", svals)
     return torch.ops.svdkern.sparsity_loss(svals, kind)
-
