@@ -113,15 +113,22 @@ class OrthLoss : public torch::autograd::Function<OrthLoss> {
  public:
   static Tensor forward(AutogradContext* ctx, at::TensorList mats) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op = op_handle<Tensor(at::TensorList)>("svdkern::orth_loss");
-    ctx->save_for_backward(variable_list(mats.begin(), mats.end()));
-    return op.call(mats);
+    static auto op = op_handle<std::tuple<Tensor, TensorVec>(at::TensorList)>(
+        "svdkern::orth_loss_forward");
+    auto [loss, residuals] = op.call(mats);
+    variable_list saved(mats.begin(), mats.end());
+    saved.insert(saved.end(), residuals.begin(), residuals.end());
+    ctx->save_for_backward(saved);
+    return loss;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op =
-        op_handle<TensorVec(const Tensor&, at::TensorList)>("svdkern::orth_loss_backward");
-    return op.call(grads[0], ctx->get_saved_variables());
+    static auto op = op_handle<TensorVec(const Tensor&, at::TensorList, at::TensorList)>(
+        "svdkern::orth_loss_backward");
+    const auto saved = ctx->get_saved_variables();
+    const size_t n = saved.size() / 2;
+    const auto parts = split(saved, {n, n});
+    return op.call(grads[0], parts[0], parts[1]);
   }
 };
 

@@ -33,10 +33,10 @@ import torch
 from svdkern import reference
 from svdkern._checks import (
     check_factors,
-    check_nonempty,
     check_grouped,
     check_lowrank_input,
     check_mats,
+    check_nonempty,
     check_svals,
 )
 
@@ -57,6 +57,7 @@ OP_NAMES = (
     "lowrank_linear",
     "lowrank_linear_backward",
     "orth_loss",
+    "orth_loss_forward",
     "orth_loss_backward",
     "sparsity_loss",
     "sparsity_loss_backward",
@@ -152,8 +153,14 @@ def _register_fakes() -> None:
         check_mats("orth_loss", mats)
         return like_loss(mats[0])
 
+    @torch.library.register_fake("svdkern::orth_loss_forward")
+    def _(mats):
+        check_mats("orth_loss", mats)
+        acc = reference.loss_dtype(mats[0].dtype)
+        return like_loss(mats[0]), [M.new_empty((M.shape[1], M.shape[1]), dtype=acc) for M in mats]
+
     @torch.library.register_fake("svdkern::orth_loss_backward")
-    def _(grad, mats):
+    def _(grad, mats, residuals):
         return [torch.empty_like(M) for M in mats]
 
     @torch.library.register_fake("svdkern::sparsity_loss")

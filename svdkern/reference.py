@@ -26,10 +26,10 @@ __all__ = [
     "SPARSITY_KINDS",
     "compose",
     "compose_grouped",
+    "loss_dtype",
     "lowrank_linear",
     "orth_loss",
     "sparsity_loss",
-    "loss_dtype",
 ]
 
 SPARSITY_KINDS = ("l1", "hoyer", "hoyer_square")

@@ -94,31 +94,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_l
   return {dx, dU, ds, dV, dbias};
 }
 
-// ‖MᵀM − I‖²_F / r² in the accumulation dtype, and the Gram residual MᵀM − I.
-std::pair<at::Tensor, at::Tensor> orth_term(const at::Tensor& M) {
-  const at::Tensor A = M.to(loss_dtype(M.scalar_type()));
-  const int64_t r = A.size(1);
-  at::Tensor R = at::mm(A.t(), A);
-  R.diagonal().sub_(1);
-  return {R.square().sum() / static_cast<double>(r * r), R};
-}
-
-at::Tensor orth_loss_cpu(at::TensorList mats) {
+// Loss Σ ‖MᵀM − I‖²_F / r² and the residuals R = MᵀM − I, in the accumulation dtype.
+std::tuple<at::Tensor, std::vector<at::Tensor>> orth_loss_forward_cpu(at::TensorList mats) {
   check_mats("orth_loss", mats);
-  at::Tensor total = at::zeros({}, mats[0].options().dtype(loss_dtype(mats[0].scalar_type())));
-  for (const auto& M : mats) total += orth_term(M).first;
-  return total;
+  const auto acc = loss_dtype(mats[0].scalar_type());
+  at::Tensor total = at::zeros({}, mats[0].options().dtype(acc));
+  std::vector<at::Tensor> residuals;
+  residuals.reserve(mats.size());
+  for (const auto& M : mats) {
+    const at::Tensor A = M.to(acc);
+    const int64_t r = A.size(1);
+    at::Tensor R = at::mm(A.t(), A);
+    R.diagonal().sub_(1);
+    total += R.square().sum() / static_cast<double>(r * r);
+    residuals.push_back(R);
+  }
+  return {total, residuals};
 }
 
-std::vector<at::Tensor> orth_loss_backward_cpu(const at::Tensor& grad, at::TensorList mats) {
+at::Tensor orth_loss_cpu(at::TensorList mats) { return std::get<0>(orth_loss_forward_cpu(mats)); }
+
+std::vector<at::Tensor> orth_loss_backward_cpu(const at::Tensor& grad, at::TensorList mats,
+                                               at::TensorList residuals) {
   check_mats("orth_loss_backward", mats);
+  TORCH_CHECK_VALUE(residuals.size() == mats.size(), "orth_loss_backward: residuals must have ",
+                    mats.size(), " tensors (one per matrix), got ", residuals.size());
   std::vector<at::Tensor> out;
   out.reserve(mats.size());
-  for (const auto& M : mats) {
-    const at::Tensor R = orth_term(M).second;
-    const double r = static_cast<double>(M.size(1));
-    const at::Tensor A = M.to(R.scalar_type());
-    out.push_back((at::mm(A, R) * (grad.to(R.scalar_type()) * (4.0 / (r * r)))).to(M.scalar_type()));
+  for (size_t i = 0; i < mats.size(); ++i) {
+    const at::Tensor& R = residuals[i];
+    const double r = static_cast<double>(mats[i].size(1));
+    const at::Tensor scale = grad.to(R.scalar_type()) * (4.0 / (r * r));
+    out.push_back((at::mm(mats[i].to(R.scalar_type()), R) * scale).to(mats[i].scalar_type()));
   }
   return out;
 }
@@ -181,6 +188,7 @@ TORCH_LIBRARY_IMPL(svdkern, CPU, m) {
   m.impl("lowrank_linear", &svdkern::lowrank_linear_cpu);
   m.impl("lowrank_linear_backward", &svdkern::lowrank_linear_backward_cpu);
   m.impl("orth_loss", &svdkern::orth_loss_cpu);
+  m.impl("orth_loss_forward", &svdkern::orth_loss_forward_cpu);
   m.impl("orth_loss_backward", &svdkern::orth_loss_backward_cpu);
   m.impl("sparsity_loss", &svdkern::sparsity_loss_cpu);
   m.impl("sparsity_loss_backward", &svdkern::sparsity_loss_backward_cpu);
