@@ -22,11 +22,12 @@ Environment:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -42,6 +43,7 @@ from svdkern._checks import (
 
 __all__ = [
     "backend",
+    "reference_mode",
     "compose",
     "compose_grouped",
     "lowrank_linear",
@@ -196,6 +198,28 @@ elif _BACKEND_ENV == "triton":
     raise RuntimeError("SVDKERN_BACKEND=triton needs svdkern._C, which could not be loaded")
 
 
+_REFERENCE_MODE = False
+
+
+@contextlib.contextmanager
+def reference_mode() -> Iterator[None]:
+    """Run every op as its plain-PyTorch reference inside the block.
+
+    For benchmarks and debugging: ``with svdkern.ops.reference_mode(): loss = model(x)``
+    measures or checks the same model on the reference path.
+    """
+    global _REFERENCE_MODE
+    previous, _REFERENCE_MODE = _REFERENCE_MODE, True
+    try:
+        yield
+    finally:
+        _REFERENCE_MODE = previous
+
+
+def _use_reference() -> bool:
+    return _REFERENCE_MODE or not _HAS_C
+
+
 def backend() -> dict[str, str]:
     """Which implementation serves each device: 'cpp', 'triton' or 'reference'.
 
@@ -221,7 +245,7 @@ def compose(U: torch.Tensor, s: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
 
         W = svdkern.ops.compose(U, s, V)  # equals U @ torch.diag(s) @ V.T
     """
-    if not _HAS_C:
+    if _use_reference():
         check_factors("compose", U, s, V)
         return reference.compose(U, s, V)
     return torch.ops.svdkern.compose(U, s, V)
@@ -235,7 +259,7 @@ def compose_grouped(
     All factors share one dtype and device; shapes may differ per layer.
     """
     Us, ss, Vs = list(Us), list(ss), list(Vs)
-    if not _HAS_C:
+    if _use_reference():
         check_grouped("compose_grouped", Us, ss, Vs)
         return reference.compose_grouped(Us, ss, Vs)
     check_nonempty("compose_grouped", "Us", Us)  # the dispatcher needs a tensor to dispatch on
@@ -256,7 +280,7 @@ def lowrank_linear(
     Returns:
         y: (..., m).
     """
-    if not _HAS_C:
+    if _use_reference():
         check_lowrank_input("lowrank_linear", x, U, s, V, bias)
         return reference.lowrank_linear(x, U, s, V, bias)
     return torch.ops.svdkern.lowrank_linear(x, U, s, V, bias)
@@ -268,7 +292,7 @@ def orth_loss(mats: Sequence[torch.Tensor]) -> torch.Tensor:
     Pass every layer's U and V: ``orth_loss([l.U for l in layers] + [l.V for l in layers])``.
     """
     mats = list(mats)
-    if not _HAS_C:
+    if _use_reference():
         check_mats("orth_loss", mats)
         return reference.orth_loss(mats)
     check_nonempty("orth_loss", "mats", mats)
@@ -281,7 +305,7 @@ def sparsity_loss(svals: Sequence[torch.Tensor], kind: str = "hoyer") -> torch.T
     kind: "l1" (‖s‖₁), "hoyer" (‖s‖₁/‖s‖₂) or "hoyer_square" (‖s‖₁²/‖s‖₂²).
     """
     svals = list(svals)
-    if not _HAS_C:
+    if _use_reference():
         check_svals("sparsity_loss", svals, kind)
         return reference.sparsity_loss(svals, kind)
     check_nonempty("sparsity_loss", "svals", svals)

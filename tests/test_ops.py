@@ -571,3 +571,13 @@ def test_reference_fallback_without_extension_warns_once_and_works():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout.split("\n")[:3] == ["reference 1", "(5, 3) True", "ValueError True"]
+
+
+def test_reference_mode_routes_every_op_to_the_reference():
+    U, s, V = factors(5, 4, 3, dtype=torch.float32)
+    with ops.reference_mode():
+        W = ops.compose(U, s, V)
+        loss = ops.orth_loss([U, V]) + ops.sparsity_loss([s], "l1")
+    assert W.grad_fn.name() == "MmBackward0"
+    assert "svdkern" not in loss.grad_fn.name()
+    assert ops.compose(U, s, V).grad_fn.name().endswith("::Compose>")
