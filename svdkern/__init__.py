@@ -7,8 +7,27 @@ layers in grouped calls.
 """
 
 from svdkern import ops
+from svdkern.convert import compress, decompose, load_state_dict
+from svdkern.flops import FlopsReport, flops
+from svdkern.nn import SVDConv2d, SVDLinear
 from svdkern.ops import backend
+from svdkern.prune import PruneReport, prune
+from svdkern.regularize import SVDRegularizer
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "backend", "ops"]
+__all__ = [
+    "FlopsReport",
+    "PruneReport",
+    "SVDConv2d",
+    "SVDLinear",
+    "SVDRegularizer",
+    "__version__",
+    "backend",
+    "compress",
+    "decompose",
+    "flops",
+    "load_state_dict",
+    "ops",
+    "prune",
+]

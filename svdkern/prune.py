@@ -1,0 +1,263 @@
+"""Singular-value pruning of SVD layers: per-layer energy threshold or a global FLOPs target.
+
+Energy rule (DESIGN.md §1), per layer: sort s² descending and keep the smallest k ≥ 1 with
+Σ_{i≤k} s_i² ≥ (1 − ε)·Σ_i s_i²; U, s, V are sliced to those k triplets (the largest |s|).
+
+Example::
+
+    report = svdkern.prune(model, energy=1e-3)
+    report = svdkern.prune(model, target_flops=0.3, input_shape=(1, 3, 32, 32))
+    print(report)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from svdkern.flops import _dense_macs, _dense_weight_shape, _layer_inputs, _svd_costs, _table
+from svdkern.nn import _svd_layers, _SVDBase
+
+__all__ = ["LayerPrune", "PruneReport", "prune"]
+
+_BISECTION_STEPS = 64
+
+
+@dataclass
+class LayerPrune:
+    """One SVD layer's pruning: ranks, energy kept (fraction of Σ s²) and MACs.
+
+    MACs are of the layer's compressed form (cheaper of low-rank chain and dense, see
+    `svdkern.flops`); None for a conv when no input_shape was given.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    rank_before: int
+    rank_after: int
+    energy_kept: float
+    macs_before: int | None
+    macs_after: int | None
+
+
+@dataclass
+class PruneReport:
+    """What `svdkern.prune` did: the energy threshold used and a LayerPrune per layer.
+
+    `dense_macs`, `macs_before`, `macs_after` are model totals (all counted layers, see
+    `svdkern.flops`) when they could be counted, else None.
+    """
+
+    energy: float
+    target_flops: float | None
+    multiple_of: int | None
+    dense_macs: int | None
+    macs_before: int | None
+    macs_after: int | None
+    layers: list[LayerPrune] = field(default_factory=list)
+
+    @property
+    def flops_ratio(self) -> float | None:
+        """macs_after / dense_macs: the fraction of the dense model's MACs that remains."""
+        if self.macs_after is None or not self.dense_macs:
+            return None
+        return self.macs_after / self.dense_macs
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "flops_ratio": self.flops_ratio}
+
+    def __str__(self) -> str:
+        def num(v):
+            return "-" if v is None else f"{v:,}"
+
+        header = ("layer", "shape", "rank", "energy kept", "MACs before", "MACs after")
+        rows = [
+            (
+                lay.name,
+                "×".join(map(str, lay.shape)),
+                f"{lay.rank_before} → {lay.rank_after}",
+                f"{lay.energy_kept:.6f}",
+                num(lay.macs_before),
+                num(lay.macs_after),
+            )
+            for lay in self.layers
+        ]
+        rows.append(("total", "", "", "", num(self.macs_before), num(self.macs_after)))
+        ratio = self.flops_ratio
+        lines = [f"energy threshold ε = {self.energy:.6g}"]
+        if ratio is not None:
+            lines.append(f"MACs after / dense = {ratio:.2%}")
+        return _table(header, rows) + "\n" + "; ".join(lines)
+
+
+def _sorted_energy(s: torch.Tensor) -> torch.Tensor:
+    """Cumulative Σ_{i≤k} s_i² of s² sorted descending, in float64."""
+    e = s.detach().to(torch.float64).square().sort(descending=True).values
+    return e.cumsum(0)
+
+
+def _rank_for(cum: torch.Tensor, energy: float, multiple_of: int | None, cap: int) -> int:
+    """Smallest k ≥ 1 with cum[k−1] ≥ (1 − energy)·cum[−1], rounded up to multiple_of."""
+    threshold = (1.0 - energy) * cum[-1]
+    k = int(torch.searchsorted(cum, threshold, side="left")) + 1
+    k = min(max(k, 1), cum.shape[0])
+    if multiple_of:
+        k = min(math.ceil(k / multiple_of) * multiple_of, cap)
+    return k
+
+
+def _check_args(energy, target_flops, multiple_of) -> None:
+    if (energy is None) == (target_flops is None):
+        raise ValueError(
+            f"pass exactly one of energy and target_flops, got energy={energy!r}, "
+            f"target_flops={target_flops!r}"
+        )
+    if energy is not None and (
+        isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 <= energy < 1
+    ):
+        raise ValueError(f"energy must be a number in [0, 1), got {energy!r}")
+    if target_flops is not None and (
+        isinstance(target_flops, bool)
+        or not isinstance(target_flops, (int, float))
+        or not 0 < target_flops <= 1
+    ):
+        raise ValueError(f"target_flops must be a number in (0, 1], got {target_flops!r}")
+    if multiple_of is not None and (
+        isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1
+    ):
+        raise ValueError(f"multiple_of must be a positive int or None, got {multiple_of!r}")
+
+
+class _Costs:
+    """MACs of the model's counted layers as a function of the SVD layers' ranks."""
+
+    def __init__(self, model: nn.Module, shapes: dict[str, list[tuple[int, ...]]]) -> None:
+        modules = dict(model.named_modules())
+        self.fixed = 0
+        self.dense = 0
+        self.svd: dict[str, tuple[int, int]] = {}
+        for name, calls in shapes.items():
+            module = modules[name]
+            if isinstance(module, _SVDBase):
+                dense, chain = _svd_costs(module, calls, rank=1)
+                self.svd[name] = (dense, chain)
+                self.dense += dense
+            else:
+                macs = sum(_dense_macs(module, shape) for shape in calls)
+                self.fixed += macs
+                self.dense += macs
+
+    def layer(self, name: str, rank: int) -> int:
+        dense, chain_per_rank = self.svd[name]
+        return min(dense, chain_per_rank * rank)
+
+    def total(self, ranks: dict[str, int]) -> int:
+        return self.fixed + sum(self.layer(name, r) for name, r in ranks.items())
+
+
+def prune(
+    model: nn.Module,
+    energy: float | None = None,
+    *,
+    target_flops: float | None = None,
+    input_shape: Sequence[int] | None = None,
+    multiple_of: int | None = None,
+) -> PruneReport:
+    """Prune the singular values of every SVD layer of `model` in place.
+
+    Give exactly one of:
+        energy: ε in [0, 1), the energy removed per layer (keep the smallest k with
+            Σ_{i≤k} s_i² ≥ (1 − ε)·Σ s_i², s² sorted descending, k ≥ 1).
+        target_flops: fraction in (0, 1] of the dense model's MACs to keep. One global ε
+            is found by bisection: the smallest ε whose compressed model (every SVD layer
+            in the cheaper of chain and dense form, counted as `svdkern.flops` does,
+            including the layers that stay dense) costs ≤ target_flops · dense MACs.
+    Args:
+        input_shape: shape of one input batch; needed to count convs (for target_flops,
+            and for the MAC columns of the report). Without it Linear layers count one row.
+        multiple_of: round every kept rank up to a multiple of this (capped at the
+            layer's current rank), e.g. 8 for tensor cores.
+    Returns:
+        PruneReport (per layer: name, shape, rank before/after, energy kept, MACs
+        before/after; `str(report)` is a table, `report.to_dict()` a dict).
+        The pruned layers hold new Parameters: rebuild optimizers afterwards.
+    Raises:
+        ValueError naming energy / target_flops / multiple_of when out of range, or
+        target_flops when even rank 1 everywhere cannot reach it.
+
+    Example::
+
+        report = svdkern.prune(model, target_flops=0.3, input_shape=(1, 3, 32, 32))
+    """
+    _check_args(energy, target_flops, multiple_of)
+    layers = _svd_layers(model)
+    cums = {name: _sorted_energy(layer.s) for name, layer in layers}
+    caps = {name: layer.rank for name, layer in layers}
+
+    def ranks_at(eps: float) -> dict[str, int]:
+        return {name: _rank_for(cums[name], eps, multiple_of, caps[name]) for name in cums}
+
+    costs = None
+    try:
+        costs = _Costs(model, _layer_inputs(model, input_shape))
+    except ValueError:
+        if target_flops is not None:
+            raise
+    if target_flops is not None:
+        energy = _search_energy(costs, ranks_at, target_flops)
+    ranks = ranks_at(energy)
+
+    report = PruneReport(float(energy), target_flops, multiple_of, None, None, None)
+    if costs is not None:
+        report.dense_macs = costs.dense
+        report.macs_before = costs.total(caps)
+        report.macs_after = costs.total(ranks)
+    for name, layer in layers:
+        cum = cums[name]
+        k = ranks[name]
+        total = float(cum[-1])
+        kept = float(cum[k - 1]) / total if total > 0 else 1.0
+        before = after = None
+        if costs is not None and name in costs.svd:
+            before, after = costs.layer(name, caps[name]), costs.layer(name, k)
+        report.layers.append(
+            LayerPrune(
+                name,
+                _dense_weight_shape(layer),
+                layer.rank,
+                k,
+                kept,
+                before,
+                after,
+            )
+        )
+        if k < layer.rank:
+            layer.prune_(k)
+    return report
+
+
+def _search_energy(costs: _Costs, ranks_at, target_flops: float) -> float:
+    """Smallest ε in [0, 1) with total MACs at ε ≤ target_flops · dense MACs (bisection)."""
+    budget = target_flops * costs.dense
+    if costs.total(ranks_at(0.0)) <= budget:
+        return 0.0
+    hi = math.nextafter(1.0, 0.0)
+    floor = costs.total(ranks_at(hi))
+    if floor > budget:
+        raise ValueError(
+            f"target_flops={target_flops} cannot be reached: with rank 1 in every SVD layer "
+            f"the model keeps {floor / costs.dense:.2%} of the dense MACs (layers left dense "
+            "and multiple_of count too)"
+        )
+    lo = 0.0
+    for _ in range(_BISECTION_STEPS):
+        mid = (lo + hi) / 2
+        if costs.total(ranks_at(mid)) <= budget:
+            hi = mid
+        else:
+            lo = mid
+    return hi

@@ -1,0 +1,223 @@
+"""decompose (dense → SVD, exact), compress (SVD → plain torch, exact, scriptable and
+exportable) and load_state_dict of pruned checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    import svdkern
+from svdkern.nn import SVDConv2d, SVDLinear
+
+
+class Block(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+class TinyResNet(nn.Module):
+    def __init__(self, width: int = 8, classes: int = 10) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        self.layer1 = Block(width, width, 1)
+        self.layer2 = Block(width, 2 * width, 2)
+        self.fc = nn.Linear(2 * width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.conv(x)))
+        x = self.layer2(self.layer1(x))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def _resnet(dtype=torch.float64) -> TinyResNet:
+    model = TinyResNet().to(dtype).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+INPUT = (2, 3, 16, 16)
+
+
+def _close(actual, expected, rtol=1e-10):
+    assert (actual - expected).abs().max() <= rtol * expected.abs().max()
+
+
+@pytest.mark.parametrize("decomposition", ["channel", "spatial"])
+def test_decompose_resnet_equals_original(decomposition):
+    dense = _resnet()
+    x = torch.randn(INPUT, dtype=torch.float64)
+    expected = dense(x)
+    model = svdkern.decompose(copy.deepcopy(dense), decomposition)
+    kinds = {type(m) for m in model.modules()}
+    assert nn.Conv2d not in kinds and nn.Linear not in kinds
+    assert all(
+        m.decomposition == decomposition for m in model.modules() if isinstance(m, SVDConv2d)
+    )
+    assert isinstance(model.layer2.shortcut[0], SVDConv2d)
+    _close(model(x), expected)
+
+
+def test_decompose_returns_the_same_model_and_keeps_training_flag():
+    model = _resnet().train()
+    assert svdkern.decompose(model) is model
+    assert model.conv.training and isinstance(model.fc, SVDLinear)
+
+
+def test_decompose_skip_by_names_and_predicate():
+    model = svdkern.decompose(_resnet(), skip=["fc", "layer2"])
+    assert type(model.fc) is nn.Linear
+    assert type(model.layer2.conv1) is nn.Conv2d and type(model.layer2.shortcut[0]) is nn.Conv2d
+    assert isinstance(model.layer1.conv1, SVDConv2d)
+
+    def first_and_last(name, module):
+        return name in ("conv", "fc")
+
+    model = svdkern.decompose(_resnet(), skip=first_and_last)
+    assert type(model.conv) is nn.Conv2d and type(model.fc) is nn.Linear
+    assert isinstance(model.layer1.conv2, SVDConv2d)
+
+
+def test_decompose_unknown_skip_name_is_an_error():
+    with pytest.raises(ValueError, match="skip"):
+        svdkern.decompose(_resnet(), skip=["layer9"])
+
+
+def test_decompose_leaves_grouped_conv_dense_with_warning():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv2d(4, 6, 1))
+    with pytest.warns(UserWarning, match="groups=2"):
+        svdkern.decompose(model)
+    assert type(model[0]) is nn.Conv2d and isinstance(model[1], SVDConv2d)
+
+
+def test_decompose_rejects_unknown_decomposition():
+    with pytest.raises(ValueError, match="decomposition"):
+        svdkern.decompose(_resnet(), decomposition="tucker")
+
+
+def test_decompose_a_bare_layer_returns_its_svd_layer():
+    layer = svdkern.decompose(nn.Linear(4, 3))
+    assert isinstance(layer, SVDLinear)
+
+
+def test_decompose_keeps_shared_modules_shared():
+    shared = nn.Linear(5, 5)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    svdkern.decompose(model)
+    assert model[0] is model[2] and isinstance(model[0], SVDLinear)
+
+
+@pytest.mark.parametrize("policy", ["flops", "lowrank", "dense"])
+@pytest.mark.parametrize("decomposition", ["channel", "spatial"])
+def test_compress_after_pruning_equals_svd_model(decomposition, policy):
+    model = svdkern.decompose(_resnet(), decomposition)
+    svdkern.prune(model, energy=0.3)
+    x = torch.randn(INPUT, dtype=torch.float64)
+    expected = model(x)
+    plain = svdkern.compress(model, policy=policy, input_shape=INPUT)
+    assert not any(isinstance(m, (SVDLinear, SVDConv2d)) for m in plain.modules())
+    assert any(isinstance(m, SVDLinear) for m in model.modules()), "compress must copy"
+    _close(plain(x), expected)
+    if policy == "lowrank":
+        assert isinstance(plain.fc, nn.Sequential)
+    if policy == "dense":
+        assert type(plain.fc) is nn.Linear
+
+
+def test_compress_flops_policy_picks_dense_where_lowrank_costs_more():
+    model = nn.Sequential(SVDLinear(16, 16), SVDLinear(16, 16, rank=2))
+    plain = svdkern.compress(model)
+    assert type(plain[0]) is nn.Linear  # rank 16: 16·32 MACs > 16·16
+    assert isinstance(plain[1], nn.Sequential)  # rank 2: 2·32 < 16·16
+
+
+def test_compress_rejects_unknown_policy():
+    with pytest.raises(ValueError, match="policy"):
+        svdkern.compress(nn.Sequential(SVDLinear(3, 3)), policy="smallest")
+
+
+@functools.cache
+def _pruned(decomposition: str) -> nn.Module:
+    model = svdkern.decompose(_resnet(torch.float32), decomposition)
+    svdkern.prune(model, energy=0.2)
+    return model
+
+
+def _pruned_compressed(decomposition="channel"):
+    model = copy.deepcopy(_pruned(decomposition))
+    return model, svdkern.compress(model, policy="lowrank")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_compressed_model_scripts_and_traces():
+    model, plain = _pruned_compressed("spatial")
+    x = torch.randn(INPUT)
+    expected = model(x)
+    torch.testing.assert_close(torch.jit.script(plain)(x), expected, rtol=1e-4, atol=1e-5)
+    traced = torch.jit.trace(plain, (x,))
+    torch.testing.assert_close(traced(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_compressed_model_exports():
+    model, plain = _pruned_compressed("channel")
+    x = torch.randn(INPUT)
+    program = torch.export.export(plain, (x,))
+    torch.testing.assert_close(program.module()(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_compressed_model_has_no_svdkern_references():
+    _, plain = _pruned_compressed()
+    assert all(type(m).__module__.split(".")[0] != "svdkern" for m in plain.modules())
+
+
+def test_pruned_state_dict_round_trip():
+    model = svdkern.decompose(_resnet())
+    svdkern.prune(model, energy=0.25)
+    state = model.state_dict()
+    fresh = svdkern.decompose(_resnet())
+    result = svdkern.load_state_dict(fresh, state)
+    assert not result.missing_keys and not result.unexpected_keys
+    for (name, a), (_, b) in zip(model.named_modules(), fresh.named_modules(), strict=True):
+        if isinstance(a, (SVDLinear, SVDConv2d)):
+            assert a.rank == b.rank, name
+            assert isinstance(b.U, nn.Parameter)
+    x = torch.randn(INPUT, dtype=torch.float64)
+    _close(fresh(x), model(x))
+
+
+def test_load_state_dict_shape_mismatch_names_the_layer():
+    state = svdkern.decompose(_resnet()).state_dict()
+    other = svdkern.decompose(TinyResNet(width=4).double())
+    with pytest.raises(ValueError, match=r"'conv'.*expects|layer 'conv'"):
+        svdkern.load_state_dict(other, state)
+
+
+def test_load_state_dict_decomposition_mismatch_names_the_layer():
+    state = svdkern.decompose(_resnet(), "spatial").state_dict()
+    other = svdkern.decompose(_resnet(), "channel")
+    with pytest.raises(ValueError, match="'conv'"):
+        svdkern.load_state_dict(other, state)
