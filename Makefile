@@ -5,7 +5,9 @@
 VENV    := .venv
 PYTHON  ?= $(VENV)/bin/python
 TORCH   ?= torch==2.13.0
-PYTEST  := $(PYTHON) -m pytest
+# Tests are many small ops: one thread each keeps the subprocess tests (CLI, DDP) from
+# oversubscribing the cores.
+PYTEST  := OMP_NUM_THREADS=1 $(PYTHON) -m pytest
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp)
 export MAX_JOBS ?= 2
 
