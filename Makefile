@@ -31,12 +31,16 @@ test-gpu:
 	$(PYTHON) setup.py -q build_ext --inplace
 	$(PYTEST) -q
 
+# Benchmarks append to bench/results/*.csv; BENCHMARKS.md is regenerated from them.
 bench: $(VENV)/.installed
 	$(PYTHON) -m pytest -q bench --benchmark-only -p no:cacheprovider
+	$(PYTHON) bench/make_report.py
 
 bench-gpu:
 	$(PYTHON) setup.py -q build_ext --inplace
 	$(PYTHON) bench/bench_ops_gpu.py
+	$(PYTHON) bench/bench_train_gpu.py
+	$(PYTHON) bench/make_report.py
 
 lint: $(VENV)/.installed
 	$(PYTHON) -m ruff check svdkern tests bench
