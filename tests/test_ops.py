@@ -532,6 +532,7 @@ def test_bad_input_raises_naming_the_argument(call, error, match):
 # ---------------------------------------------------------------- backends
 
 
+@interp
 def test_backend_reports_the_serving_implementation():
     expected_cpu = "triton" if os.environ.get("SVDKERN_BACKEND") == "triton" else "cpp"
     assert svdkern.backend()["cpu"] == expected_cpu
