@@ -1,0 +1,356 @@
+"""Configuration of `svdkern train`: the flags, their defaults per data set, TOML files.
+
+Every flag is also a key of `--config FILE` (TOML; `-` or `_` in keys). A config
+file is turned into flags placed before the command line's own, so the command
+line wins and both go through the same validation (errors name the flag).
+Defaults left as None are filled from the data set (`resolve`): the authors'
+CIFAR recipe (Adam 1e-3, 164 epochs, LR ×0.1 at 50% and 75%, batch 100, λ_o = 1)
+and a scaled-down recipe for the bundled digits that runs in about two minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+DATASETS = ("digits", "cifar10", "synthetic")
+MODELS = ("mlp", "cnn", "resnet20", "resnet32", "resnet56", "resnet110", "resnet18")
+METHODS = ("svd", "dense", "posthoc", "trp")
+SPARSITY = ("l1", "hoyer", "hoyer_square")
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("step", "cosine", "constant")
+DECOMPOSITIONS = ("channel", "spatial")
+
+# Per data set: the defaults of every flag left unset (None) on the command line.
+_DATA_DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits": {
+        "model": "cnn",
+        "dense_epochs": 30,
+        "svd_epochs": 30,
+        "finetune_epochs": 10,
+        "batch_size": 64,
+        "strength": {"l1": 0.4, "hoyer": 0.1, "hoyer_square": 0.03},
+        "energy": 0.01,
+    },
+    "cifar10": {
+        "model": "resnet20",
+        "dense_epochs": 164,
+        "svd_epochs": 164,
+        "finetune_epochs": 40,
+        "batch_size": 100,
+        "strength": {"l1": 0.3, "hoyer": 0.07, "hoyer_square": 0.02},
+        "energy": 1e-3,
+    },
+    "synthetic": {
+        "model": "mlp",
+        "dense_epochs": 2,
+        "svd_epochs": 2,
+        "finetune_epochs": 1,
+        "batch_size": 32,
+        "strength": {"l1": 0.4, "hoyer": 0.1, "hoyer_square": 0.03},
+        "energy": 0.01,
+    },
+}
+
+# Flags that describe how a process runs, not what it computes: not part of a run's identity.
+RUNTIME_KEYS = ("resume", "config", "quiet", "stop_after_epochs", "out")
+
+
+def _float_in(name: str, lo: float, hi: float, lo_open: bool = True, hi_open: bool = True):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        below = value <= lo if lo_open else value < lo
+        above = value >= hi if hi_open else value > hi
+        if math.isnan(value) or below or above:
+            left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+            raise argparse.ArgumentTypeError(
+                f"{name} must be in {left}{lo:g}, {hi:g}{right}, got {text}"
+            )
+        return value
+
+    return parse
+
+
+def _nonneg_float(text: str) -> float:
+    return _float_in("value", 0.0, math.inf, lo_open=False)(text)
+
+
+def _pos_float(text: str) -> float:
+    return _float_in("value", 0.0, math.inf)(text)
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _pos_int(text: str) -> int:
+    value = _nonneg_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be >= 1, got 0")
+    return value
+
+
+def _milestones(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated fractions like 0.5,0.75, got {text!r}"
+        ) from None
+    if not values or any(not 0.0 < v < 1.0 for v in values) or values != sorted(values):
+        raise argparse.ArgumentTypeError(
+            f"expected increasing fractions of the phase's epochs in (0, 1), got {text!r}"
+        )
+    return values
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Declare every flag of `svdkern train` on `p`."""
+    g = p.add_argument_group("run")
+    g.add_argument("--config", metavar="FILE", help="TOML file with any of these flags as keys")
+    g.add_argument(
+        "--out",
+        metavar="RUN_DIR",
+        help="run directory for checkpoints, metrics and report (default runs/<date-time>)",
+    )
+    g.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a stopped run from RUN_DIR/checkpoint.pt with its saved configuration "
+        "(other flags except --quiet are ignored)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="seed of init, data order (default 0)")
+    g.add_argument(
+        "--device",
+        default="auto",
+        help="torch device: cpu, cuda, cuda:1, ... (default: cuda if available, else cpu; "
+        "under torchrun each process takes cuda:LOCAL_RANK)",
+    )
+    g.add_argument(
+        "--threads",
+        type=_pos_int,
+        help="CPU threads of this process (torch.set_num_threads); default 1 for digits and "
+        "synthetic (tiny models run fastest on one thread, and a busy machine's other cores "
+        "stay free), torch's default otherwise",
+    )
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--stop-after-epochs", type=_pos_int, help=argparse.SUPPRESS)
+
+    g = p.add_argument_group("data and model")
+    g.add_argument(
+        "--data",
+        choices=DATASETS,
+        default="digits",
+        help="digits: scikit-learn's bundled 8×8 digits (no download); cifar10: the "
+        "CIFAR-10 files in --data-dir; synthetic: tiny random data for tests (default digits)",
+    )
+    g.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="directory with CIFAR-10 (binary: data_batch_1.bin..data_batch_5.bin, "
+        "test_batch.bin; or python: data_batch_1..data_batch_5, test_batch), or its parent "
+        "holding cifar-10-batches-bin/ or cifar-10-batches-py/",
+    )
+    g.add_argument(
+        "--model",
+        choices=MODELS,
+        help="mlp, cnn (small 4-conv CNN), resnet20/32/56/110 (CIFAR ResNets, option-A "
+        "shortcuts) or resnet18 (CIFAR variant); all adapt to the data's input shape. "
+        "Default: cnn for digits, resnet20 for cifar10, mlp for synthetic",
+    )
+
+    g = p.add_argument_group("method")
+    g.add_argument(
+        "--method",
+        choices=METHODS,
+        default="svd",
+        help="svd: dense → decompose → SVD training → prune → fine-tune (the default; also runs "
+        "posthoc unless --no-baselines); dense: dense training only; posthoc: truncated SVD "
+        "of the dense model + fine-tune; trp: trained rank pruning + fine-tune",
+    )
+    g.add_argument(
+        "--no-baselines", action="store_true", help="with --method svd: skip the posthoc baseline"
+    )
+    g.add_argument(
+        "--init",
+        metavar="CKPT",
+        help="start from this dense checkpoint (a run's dense.pt or a plain state_dict) "
+        "instead of training the dense model",
+    )
+    g.add_argument(
+        "--decomposition",
+        choices=DECOMPOSITIONS,
+        default="channel",
+        help="how a conv weight is viewed as a matrix (default channel)",
+    )
+    g.add_argument(
+        "--orth",
+        type=_nonneg_float,
+        default=1.0,
+        help="λ_o, weight of the orthogonality loss of U and V (default 1.0)",
+    )
+    g.add_argument(
+        "--sparsity",
+        choices=SPARSITY,
+        default="hoyer",
+        help="sparsity regulariser of the singular values (default hoyer)",
+    )
+    g.add_argument(
+        "--strength",
+        type=_nonneg_float,
+        help="λ_s, weight of the sparsity loss (default per data set and --sparsity: digits "
+        "l1 0.4, hoyer 0.1, hoyer_square 0.03; cifar10 l1 0.3, hoyer 0.07, "
+        "hoyer_square 0.02)",
+    )
+    prune = g.add_mutually_exclusive_group()
+    prune.add_argument(
+        "--energy",
+        type=_float_in("--energy", 0.0, 1.0),
+        help="ε, fraction of each layer's energy Σs² removed by pruning, in (0, 1) "
+        "(default 0.01 digits, 1e-3 cifar10)",
+    )
+    prune.add_argument(
+        "--target-flops",
+        type=_float_in("--target-flops", 0.0, 1.0, hi_open=False),
+        help="prune to this fraction of the dense model's MACs (all Linear/Conv2d layers), "
+        "in (0, 1], by one global ε, instead of --energy",
+    )
+    g.add_argument(
+        "--multiple-of",
+        type=_pos_int,
+        help="round pruned ranks up to a multiple of this (e.g. 8 for tensor cores)",
+    )
+    g.add_argument(
+        "--trp-interval",
+        type=_pos_int,
+        default=20,
+        help="trp: truncate every layer by the energy rule every this many steps (default 20)",
+    )
+    g.add_argument(
+        "--trp-nuclear",
+        type=_nonneg_float,
+        default=1e-3,
+        help="trp: weight of the nuclear-norm regulariser Σ‖W‖_* (default 1e-3)",
+    )
+
+    g = p.add_argument_group("optimisation (each phase starts a fresh optimizer and schedule)")
+    g.add_argument(
+        "--dense-epochs",
+        type=_nonneg_int,
+        help="epochs of dense training (default 30 digits, 164 cifar10; 0 with --init)",
+    )
+    g.add_argument(
+        "--svd-epochs",
+        type=_nonneg_int,
+        help="epochs of SVD (or TRP) training (default 30 digits, 164 cifar10)",
+    )
+    g.add_argument(
+        "--finetune-epochs",
+        type=_nonneg_int,
+        help="epochs of fine-tuning after pruning, λ_o kept and λ_s = 0; the posthoc and trp "
+        "baselines get the same (default 10 digits, 40 cifar10)",
+    )
+    g.add_argument(
+        "--batch-size",
+        type=_pos_int,
+        help="global batch size, split evenly over torchrun processes (default 64 digits, "
+        "100 cifar10)",
+    )
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="(default adam)")
+    g.add_argument("--lr", type=_pos_float, help="learning rate (default 1e-3 adam, 0.1 sgd)")
+    g.add_argument("--momentum", type=_nonneg_float, default=0.9, help="sgd momentum (0.9)")
+    g.add_argument(
+        "--weight-decay", type=_nonneg_float, help="weight decay (default 0 adam, 5e-4 sgd)"
+    )
+    g.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="step",
+        help="per-epoch LR schedule of each phase: step (×--gamma at --milestones), cosine, "
+        "constant (default step)",
+    )
+    g.add_argument(
+        "--milestones",
+        type=_milestones,
+        default=[0.5, 0.75],
+        help="step schedule: fractions of a phase's epochs where the LR drops (default 0.5,0.75 "
+        "= the authors' 81 and 122 of 164)",
+    )
+    g.add_argument(
+        "--gamma",
+        type=_float_in("--gamma", 0.0, 1.0, hi_open=False),
+        default=0.1,
+        help="step schedule: LR factor at each milestone (default 0.1)",
+    )
+
+
+def config_file_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
+    """The flags equivalent to a TOML config file (keys are flag names, `-` or `_`)."""
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+    except FileNotFoundError:
+        parser.error(f"argument --config: file not found: {path}")
+    except tomllib.TOMLDecodeError as exc:
+        parser.error(f"argument --config: {path} is not valid TOML: {exc}")
+    flags = {
+        opt.lstrip("-").replace("-", "_"): (action, opt)
+        for action in parser._actions
+        for opt in action.option_strings
+        if opt.startswith("--") and action.help != argparse.SUPPRESS
+    }
+    argv: list[str] = []
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name in ("config", "help", "resume") or name not in flags:
+            known = ", ".join(sorted(k for k in flags if k not in ("config", "help", "resume")))
+            parser.error(f"argument --config: unknown key {key!r} in {path} (known keys: {known})")
+        action, opt = flags[name]
+        if isinstance(value, bool):
+            if action.nargs != 0:
+                parser.error(f"argument --config: key {key!r} in {path} expects a value, got bool")
+            if value:
+                argv.append(opt)
+            continue
+        if isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        argv += [opt, str(value)]
+    return argv
+
+
+def resolve(args: argparse.Namespace) -> dict[str, Any]:
+    """Fill the per-data-set defaults; returns the run's configuration as a plain dict."""
+    cfg = {k: v for k, v in vars(args).items() if k not in ("command",)}
+    defaults = _DATA_DEFAULTS[cfg["data"]]
+    for key in ("model", "dense_epochs", "svd_epochs", "finetune_epochs", "batch_size"):
+        if cfg.get(key) is None:
+            cfg[key] = defaults[key]
+    if cfg["strength"] is None:
+        cfg["strength"] = defaults["strength"][cfg["sparsity"]]
+    if cfg["energy"] is None and cfg["target_flops"] is None:
+        cfg["energy"] = defaults["energy"]
+    if cfg["threads"] is None and cfg["data"] in ("digits", "synthetic"):
+        cfg["threads"] = 1
+    if cfg["lr"] is None:
+        cfg["lr"] = 1e-3 if cfg["optimizer"] == "adam" else 0.1
+    if cfg["weight_decay"] is None:
+        cfg["weight_decay"] = 0.0 if cfg["optimizer"] == "adam" else 5e-4
+    if cfg["init"]:
+        cfg["dense_epochs"] = 0
+    if cfg["out"] is None:
+        cfg["out"] = str(Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    return cfg

@@ -1,0 +1,313 @@
+"""Data sets of `svdkern train`: bundled digits, CIFAR-10 from disk, synthetic.
+
+All of a data set lives in memory as tensors; batches are gathered by index.
+The training order of an epoch is a function of (seed, phase, epoch) only, drawn
+by `torch.utils.data.DistributedSampler` with `drop_last`, so a resumed run and a
+run under torchrun (N processes, per-process batch = global / N) see the same global
+batches as an uninterrupted single-process run. CIFAR-10 augmentation (4-pixel
+zero-pad random crop, horizontal flip) is drawn per epoch for every sample, keyed
+the same way.
+
+CIFAR-10's python version is a set of pickles; they are read by `_ArrayUnpickler`,
+which builds only numpy arrays, lists, dicts, strings and numbers and refuses every
+other global (a pickle that would call `os.system` raises instead of running).
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DistributedSampler
+
+__all__ = ["DataError", "Dataset", "eval_batches", "load_dataset", "read_cifar10", "train_batches"]
+
+CIFAR_BIN = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+CIFAR_PY = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+_CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+_CIFAR_STD = (0.2470, 0.2435, 0.2616)
+_RECORD = 1 + 3 * 32 * 32
+
+
+class DataError(ValueError):
+    """A data set that cannot be read; the message says what was expected."""
+
+
+@dataclass
+class Dataset:
+    """A classification data set in memory.
+
+    x_train, x_test: (N, C, H, W), uint8 (CIFAR-10, normalised per batch) or float32.
+    y_train, y_test: (N,) int64 class indices in [0, num_classes).
+    """
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: bool = False
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one sample."""
+        return tuple(self.x_train.shape[1:])
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 or float samples → float32, (x/255 if uint8 − mean) / std per channel."""
+        x = x.float()
+        if self.x_train.dtype == torch.uint8:
+            x = x / 255.0
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+
+# --- the data sets ----------------------------------------------------------------------
+
+
+def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
+    """`digits`, `cifar10` (from `data_dir`) or `synthetic`."""
+    if name == "digits":
+        return _digits()
+    if name == "synthetic":
+        return _synthetic()
+    if name == "cifar10":
+        if data_dir is None:
+            raise DataError(
+                "--data cifar10 needs --data-dir DIR with the CIFAR-10 files: "
+                f"{', '.join(CIFAR_BIN)} (binary version) or {', '.join(CIFAR_PY)} (python version)"
+            )
+        x_train, y_train, x_test, y_test = read_cifar10(data_dir)
+        return Dataset(
+            "cifar10", x_train, y_train, x_test, y_test, 10, _CIFAR_MEAN, _CIFAR_STD, augment=True
+        )
+    raise DataError(f"unknown data set {name!r}; expected digits, cifar10 or synthetic")
+
+
+def _digits() -> Dataset:
+    """scikit-learn's bundled 8×8 digits (1797 images), a fixed stratified 80/20 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = digits.images.astype(np.float32)[:, None] / 16.0
+    y = digits.target.astype(np.int64)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, random_state=0, stratify=y)
+    mean, std = float(x_tr.mean()), float(x_tr.std())
+    return Dataset(
+        "digits",
+        torch.from_numpy(x_tr),
+        torch.from_numpy(y_tr),
+        torch.from_numpy(x_te),
+        torch.from_numpy(y_te),
+        10,
+        (mean,),
+        (std,),
+    )
+
+
+def _synthetic(n_train: int = 320, n_test: int = 160, classes: int = 10) -> Dataset:
+    """Ten noisy 1×8×8 prototypes: learnable in a few epochs; for tests."""
+    g = torch.Generator().manual_seed(1234)
+    protos = torch.randn(classes, 1, 8, 8, generator=g)
+
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.arange(n) % classes
+        x = protos[y] + 0.8 * torch.randn(n, 1, 8, 8, generator=g)
+        return x, y
+
+    x_tr, y_tr = draw(n_train)
+    x_te, y_te = draw(n_test)
+    return Dataset("synthetic", x_tr, y_tr, x_te, y_te, classes, (0.0,), (1.0,))
+
+
+# --- CIFAR-10 ----------------------------------------------------------------------------
+
+
+def _cifar_dir(data_dir: str) -> tuple[Path, str]:
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(
+            f"--data-dir {data_dir}: not a directory; expected a directory with the CIFAR-10 "
+            f"files {', '.join(CIFAR_BIN)} (binary version) or {', '.join(CIFAR_PY)} "
+            "(python version), or its parent holding cifar-10-batches-bin/ or cifar-10-batches-py/"
+        )
+    for d in (root, root / "cifar-10-batches-bin", root / "cifar-10-batches-py"):
+        if all((d / f).is_file() for f in CIFAR_BIN):
+            return d, "bin"
+        if all((d / f).is_file() for f in CIFAR_PY):
+            return d, "py"
+    present = sorted(p.name for p in root.iterdir())[:20]
+    raise DataError(
+        f"--data-dir {data_dir}: no complete CIFAR-10 set found; expected the files "
+        f"{', '.join(CIFAR_BIN)} (binary version) or {', '.join(CIFAR_PY)} (python version) "
+        f"in {data_dir} or in its cifar-10-batches-bin/ or cifar-10-batches-py/; "
+        f"found: {', '.join(present) or 'nothing'}"
+    )
+
+
+def _read_bin(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size == 0 or raw.size % _RECORD:
+        raise DataError(
+            f"{path}: {raw.size} bytes is not a whole number of CIFAR-10 records "
+            f"(1 label byte + 3072 pixel bytes = {_RECORD} bytes each)"
+        )
+    records = raw.reshape(-1, _RECORD)
+    labels = records[:, 0].astype(np.int64)
+    if labels.max() > 9:
+        raise DataError(f"{path}: label {labels.max()} is not a CIFAR-10 class (0..9)")
+    return records[:, 1:].reshape(-1, 3, 32, 32), labels
+
+
+_NUMPY_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    # Protocol-2 pickles written by Python 3 encode bytes as _codecs.encode(str, "latin1").
+    ("_codecs", "encode"),
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only numpy arrays, lists, dicts, strings and numbers.
+
+    Any global outside the handful numpy needs to rebuild an array is refused, so
+    a crafted pickle cannot run code (e.g. `os.system`) while being read.
+    """
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _NUMPY_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"refusing to load global {module}.{name}: a CIFAR-10 batch holds only arrays, "
+            "lists, dicts, strings and numbers"
+        )
+
+
+def load_array_pickle(data: bytes) -> object:
+    """Unpickle `data` with the restricted `_ArrayUnpickler` (bytes keys kept as bytes)."""
+    return _ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()
+
+
+def _read_py(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        batch = load_array_pickle(path.read_bytes())
+    except pickle.UnpicklingError as exc:
+        raise DataError(f"{path}: {exc}") from None
+    except Exception as exc:
+        raise DataError(f"{path}: not a CIFAR-10 python batch ({exc})") from None
+    if not isinstance(batch, dict):
+        raise DataError(f"{path}: expected a pickled dict, got {type(batch).__name__}")
+    data = batch.get(b"data", batch.get("data"))
+    labels = batch.get(b"labels", batch.get("labels"))
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+        raise DataError(f"{path}: expected b'data' as a uint8 array of shape (N, 3072)")
+    if data.shape[1] != 3072 or labels is None or len(labels) != data.shape[0]:
+        raise DataError(
+            f"{path}: expected b'data' (N, 3072) and b'labels' of length N, got data "
+            f"{data.shape} and {None if labels is None else len(labels)} labels"
+        )
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.min() < 0 or labels.max() > 9:
+        raise DataError(f"{path}: labels must be CIFAR-10 classes 0..9")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def read_cifar10(data_dir: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_train uint8 (N, 3, 32, 32), y_train, x_test, y_test) from the binary or python files."""
+    d, kind = _cifar_dir(data_dir)
+    names, read = (CIFAR_BIN, _read_bin) if kind == "bin" else (CIFAR_PY, _read_py)
+    parts = [read(d / name) for name in names]
+    x_train = np.concatenate([x for x, _ in parts[:5]])
+    y_train = np.concatenate([y for _, y in parts[:5]])
+    x_test, y_test = parts[5]
+    return (
+        torch.from_numpy(np.ascontiguousarray(x_train)),
+        torch.from_numpy(y_train),
+        torch.from_numpy(np.ascontiguousarray(x_test)),
+        torch.from_numpy(y_test),
+    )
+
+
+# --- batches -----------------------------------------------------------------------------
+
+
+def epoch_seed(seed: int, phase: int, epoch: int) -> int:
+    """The seed of one epoch's data order and augmentation."""
+    return (seed * 1_000_003 + phase * 10_007 + epoch) % (2**62)
+
+
+def steps_per_epoch(ds: Dataset, batch_size: int) -> int:
+    return len(ds.y_train) // batch_size
+
+
+def _augment(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Random crop of the 4-pixel zero-padded image at (dy, dx) = shifts, then flip."""
+    n, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    rows = (shifts[:, 0:1] + torch.arange(h)).view(n, 1, h, 1)
+    across = torch.arange(w).expand(n, w)
+    across = torch.where(flips.view(n, 1), w - 1 - across, across)
+    cols = (shifts[:, 1:2] + across).view(n, 1, 1, w)
+    return padded[torch.arange(n).view(n, 1, 1, 1), torch.arange(c).view(1, c, 1, 1), rows, cols]
+
+
+def train_batches(
+    ds: Dataset,
+    batch_size: int,
+    seed: int,
+    phase: int,
+    epoch: int,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This process's training batches of one epoch (batch_size is the global batch).
+
+    Global batch i is the same set of samples whatever `world` is: DistributedSampler
+    interleaves one permutation over the processes, and each takes batch_size / world.
+    """
+    n = len(ds.y_train)
+    key = epoch_seed(seed, phase, epoch)
+    sampler = DistributedSampler(
+        range(n), num_replicas=world, rank=rank, shuffle=True, seed=key, drop_last=True
+    )
+    sampler.set_epoch(0)
+    indices = torch.tensor(list(sampler), dtype=torch.long)
+    local = batch_size // world
+    if ds.augment:
+        g = torch.Generator().manual_seed(key)
+        shifts = torch.randint(0, 9, (n, 2), generator=g)
+        flips = torch.rand(n, generator=g) < 0.5
+    for i in range(steps_per_epoch(ds, batch_size)):
+        idx = indices[i * local : (i + 1) * local]
+        x = ds.x_train[idx]
+        if ds.augment:
+            x = _augment(x, shifts[idx], flips[idx])
+        yield ds.normalize(x.to(device)), ds.y_train[idx].to(device)
+
+
+def eval_batches(
+    ds: Dataset, device: torch.device, batch_size: int = 500
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The whole test set in order."""
+    for i in range(0, len(ds.y_test), batch_size):
+        yield (
+            ds.normalize(ds.x_test[i : i + batch_size].to(device)),
+            ds.y_test[i : i + batch_size].to(device),
+        )

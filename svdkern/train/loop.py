@@ -1,0 +1,588 @@
+"""The pipeline of `svdkern train`: phases, the training loop, checkpoints, resume.
+
+A run is a list of phases, each trained for some epochs with a fresh optimizer and
+LR schedule and ending in a model file in the run directory:
+
+    method svd:      dense → svd (λ_o, λ_s) → finetune (pruned; λ_o only) [→ posthoc]
+    method dense:    dense
+    method posthoc:  dense → posthoc (truncated SVD of dense; λ_o only)
+    method trp:      dense → trp (dense weights, truncated every k steps, nuclear norm)
+                     → trp_finetune (decomposed, pruned; λ_o only)
+
+A phase starts from the previous phases' files (dense.pt, svd.pt, ...), so an
+uninterrupted and a resumed run build the same models. Every epoch ends with an
+atomic checkpoint (model, optimizer, scheduler, RNG states, phase, epoch, results
+so far); `--resume` rebuilds the phase's model skeleton, loads the checkpoint (SVD
+layers resized to the pruned ranks) and goes on. The data order depends only on
+(seed, phase, epoch), so on CPU the resumed run ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import svdkern
+from svdkern.train import baselines, checkpoint, report
+from svdkern.train.baselines import decomposable, svd_layers, weight_matrix
+from svdkern.train.data import Dataset, eval_batches, load_dataset, steps_per_epoch, train_batches
+from svdkern.train.models import CLASSIFIER, build_model
+
+__all__ = ["Env", "Pipeline", "TrainingError", "init_env", "phases_of"]
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite loss, unusable checkpoint); the message says why."""
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One trained stage: which epochs flag, which result it produces, its loss terms."""
+
+    name: str
+    epochs_key: str
+    result: str
+    svd: bool  # trains SVD layers (regularizer applies)
+    sparsity: bool  # λ_s on (else only λ_o)
+    trp: bool = False
+
+
+PHASES = {
+    "dense": Phase("dense", "dense_epochs", "dense", svd=False, sparsity=False),
+    "svd": Phase("svd", "svd_epochs", "svd", svd=True, sparsity=True),
+    "finetune": Phase("finetune", "finetune_epochs", "pruned", svd=True, sparsity=False),
+    "posthoc": Phase("posthoc", "finetune_epochs", "posthoc", svd=True, sparsity=False),
+    "trp": Phase("trp", "svd_epochs", "trp_trained", svd=False, sparsity=False, trp=True),
+    "trp_finetune": Phase("trp_finetune", "finetune_epochs", "trp", svd=True, sparsity=False),
+}
+
+# The result whose compressed form is the run's deliverable, per method.
+FINAL = {"svd": "pruned", "dense": "dense", "posthoc": "posthoc", "trp": "trp"}
+
+
+def phases_of(cfg: dict[str, Any]) -> list[str]:
+    """The phase names a configuration runs, in order."""
+    method = cfg["method"]
+    if method == "dense":
+        return ["dense"]
+    if method == "posthoc":
+        return ["dense", "posthoc"]
+    if method == "trp":
+        return ["dense", "trp", "trp_finetune"]
+    return ["dense", "svd", "finetune"] + ([] if cfg["no_baselines"] else ["posthoc"])
+
+
+# --- processes and devices --------------------------------------------------------------
+
+
+@dataclass
+class Env:
+    """This process: its rank in a torchrun job (world 1 without torchrun) and device."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def init_env(device: str) -> Env:
+    """Join the torchrun process group if there is one (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
+    if world == 1:
+        return Env(0, 1, dev)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Env(dist.get_rank(), dist.get_world_size(), dev)
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+def spectra(model: nn.Module, decomposition: str) -> dict[str, list[float]]:
+    """Per layer, the singular values (|s| sorted descending) of every decomposed layer."""
+    out = {}
+    for name, m in svd_layers(model):
+        out[name] = torch.sort(m.s.detach().abs().float().cpu(), descending=True).values.tolist()
+    for name, m in decomposable(model):
+        W = weight_matrix(m.weight.detach().double().cpu(), decomposition)
+        out[name] = torch.linalg.svdvals(W).float().tolist()
+    return out
+
+
+def full_ranks(model: nn.Module, decomposition: str) -> dict[str, int]:
+    """Per decomposed (or decomposable) layer, min(m, n) of its matrix view."""
+    out = {name: m.full_rank for name, m in svd_layers(model)}
+    for name, m in decomposable(model):
+        out[name] = min(weight_matrix(m.weight, decomposition).shape)
+    return out
+
+
+def ranks(model: nn.Module, decomposition: str) -> dict[str, int]:
+    """Per layer, its rank: r of an SVD layer, full rank of a dense one."""
+    out = full_ranks(model, decomposition)
+    out.update({name: m.rank for name, m in svd_layers(model)})
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, ds: Dataset, device: torch.device) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy as a fraction) on the test set."""
+    was = model.training
+    model.eval()
+    loss = correct = 0.0
+    for x, y in eval_batches(ds, device):
+        out = model(x)
+        loss += F.cross_entropy(out, y, reduction="sum").item()
+        correct += (out.argmax(1) == y).sum().item()
+    model.train(was)
+    n = len(ds.y_test)
+    return loss / n, correct / n
+
+
+def _make_optimizer(params, cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    if cfg["optimizer"] == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"]
+        )
+    return torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+
+
+def _make_scheduler(opt: torch.optim.Optimizer, cfg: dict[str, Any], epochs: int):
+    if cfg["schedule"] == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
+    milestones = [] if cfg["schedule"] == "constant" else cfg["milestones"]
+    steps = sorted({max(1, round(f * epochs)) for f in milestones})
+    return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=steps, gamma=cfg["gamma"])
+
+
+def _all_sum(values: list[float], env: Env) -> list[float]:
+    if env.world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# --- the pipeline -----------------------------------------------------------------------
+
+
+class Pipeline:
+    """One run: builds each phase's model, trains it, records results, writes files."""
+
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        env: Env,
+        ds: Dataset | None = None,
+        resume: dict[str, Any] | None = None,
+    ):
+        self.cfg = cfg
+        self.env = env
+        self.dir = Path(cfg["out"])
+        self.ds = ds if ds is not None else load_dataset(cfg["data"], cfg.get("data_dir"))
+        self.input_shape = (1, *self.ds.input_shape)
+        self.phases = phases_of(cfg)
+        self.resume = resume
+        self.results: dict[str, dict[str, Any]] = resume["results"] if resume else {}
+        self.info: dict[str, Any] = resume["info"] if resume else {}
+        self.epochs_run = 0
+        self._t0 = time.perf_counter()
+        self._wall_before = float(resume.get("wall_time_s", 0.0)) if resume else 0.0
+        # TRP truncates with the pruning energy rule (ε = --energy, or 1e-3 under --target-flops).
+        self.trp_energy = cfg["energy"] if cfg["energy"] is not None else 1e-3
+        self.show_bars = not cfg["quiet"] and env.main and sys.stderr.isatty()
+
+    def wall_time(self) -> float:
+        """Seconds spent on this run, over all its (resumed) processes."""
+        return self._wall_before + time.perf_counter() - self._t0
+
+    # -- output -----------------------------------------------------------------------
+
+    def log(self, text: str) -> None:
+        if self.env.main and not self.cfg["quiet"]:
+            tqdm.write(text, file=sys.stdout)
+            sys.stdout.flush()
+
+    def _save(self, obj: Any, name: str) -> None:
+        if self.env.main:
+            checkpoint.save_atomic(obj, self.dir / name)
+
+    def _metrics(self, row: dict[str, Any]) -> None:
+        if self.env.main:
+            with open(self.dir / METRICS, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _trim_metrics(self, phase_index: int, epoch: int) -> None:
+        """Drop metric rows written after the checkpoint a resumed run starts from."""
+        path = self.dir / METRICS
+        if not self.env.main or not path.exists():
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            pos = (self.phases.index(row["phase"]), row["epoch"])
+            if pos <= (phase_index, epoch):
+                keep.append(line)
+        path.write_text("".join(line + "\n" for line in keep))
+
+    # -- models -----------------------------------------------------------------------
+
+    def skeleton(self, svd: bool) -> nn.Module:
+        """A fresh model of the run's architecture (seeded), decomposed if `svd`."""
+        torch.manual_seed(self.cfg["seed"])
+        model = build_model(self.cfg["model"], self.ds.input_shape, self.ds.num_classes)
+        if svd:
+            svdkern.decompose(model, self.cfg["decomposition"], skip=[CLASSIFIER])
+        return model.to(self.env.device)
+
+    def load_result(self, result: str, svd: bool) -> nn.Module:
+        """The model saved at the end of a phase (its `<result>.pt`)."""
+        state = checkpoint.load(self.dir / f"{result}.pt")["model"]
+        model = self.skeleton(svd)
+        if svd:
+            svdkern.load_state_dict(model, state)
+        else:
+            model.load_state_dict(state)
+        return model.to(self.env.device)
+
+    def _prune(self, model: nn.Module, key: str, target_macs: int | None = None) -> None:
+        """Prune by --energy / --target-flops, or to `target_macs` (posthoc at equal MACs)."""
+        kwargs: dict[str, Any] = {
+            "input_shape": self.input_shape,
+            "multiple_of": self.cfg["multiple_of"],
+        }
+        if target_macs is not None:
+            dense_macs = svdkern.flops(model, self.input_shape).dense_macs
+            kwargs["target_flops"] = min(1.0, target_macs / dense_macs)
+        elif self.cfg["target_flops"] is not None:
+            kwargs["target_flops"] = self.cfg["target_flops"]
+        else:
+            kwargs["energy"] = self.cfg["energy"]
+        report = svdkern.prune(model, **kwargs)
+        loss, acc = evaluate(model, self.ds, self.env.device)
+        self.info[key] = {
+            "prune": report.to_dict(),
+            "accuracy_before_finetune": acc,
+            "loss_before_finetune": loss,
+        }
+        self.log(f"[{key}] pruned (accuracy before fine-tuning {acc:.2%}):\n{report}")
+
+    def start_model(self, name: str) -> nn.Module:
+        """The model a phase starts from, derived from the previous phases' files."""
+        cfg = self.cfg
+        if name == "dense":
+            model = self.skeleton(svd=False)
+            if cfg["init"]:
+                state = checkpoint.load(cfg["init"])
+                state = state.get("model", state)
+                model.load_state_dict(state)
+            return model
+        if name == "svd":
+            model = self.load_result("dense", svd=False)
+            return svdkern.decompose(model, cfg["decomposition"], skip=[CLASSIFIER])
+        if name == "finetune":
+            model = self.load_result("svd", svd=True)
+            self._prune(model, "pruned")
+            return model
+        if name == "posthoc":
+            model = self.load_result("dense", svd=False)
+            svdkern.decompose(model, cfg["decomposition"], skip=[CLASSIFIER])
+            target = self.results["pruned"]["macs"] if "pruned" in self.results else None
+            self._prune(model, "posthoc", target_macs=target)
+            return model
+        if name == "trp":
+            return self.load_result("dense", svd=False)
+        if name == "trp_finetune":
+            model = self.load_result("trp_trained", svd=False)
+            svdkern.decompose(model, cfg["decomposition"], skip=[CLASSIFIER])
+            self._prune(model, "trp")
+            return model
+        raise ValueError(f"unknown phase {name!r}")
+
+    def measure(self, model: nn.Module) -> dict[str, Any]:
+        """Test accuracy, loss, params, MACs (as deployed after compress) and ranks."""
+        loss, acc = evaluate(model, self.ds, self.env.device)
+        fl = svdkern.flops(model, self.input_shape)
+        return {
+            "accuracy": acc,
+            "loss": loss,
+            "params": fl.compressed_params,
+            "macs": fl.compressed_macs,
+            "ranks": ranks(model, self.cfg["decomposition"]),
+            "full_ranks": full_ranks(model, self.cfg["decomposition"]),
+        }
+
+    # -- training ---------------------------------------------------------------------
+
+    def train_phase(self, index: int, model: nn.Module, state: dict[str, Any] | None) -> None:
+        """Train `model` for the rest of phase `index` (from `state` when resuming)."""
+        cfg, env = self.cfg, self.env
+        phase = PHASES[self.phases[index]]
+        epochs = cfg[phase.epochs_key]
+        opt = _make_optimizer(model.parameters(), cfg)
+        sched = _make_scheduler(opt, cfg, epochs)
+        start = 0
+        if state is not None:
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            checkpoint.set_rng_state(state["rng"])
+            start = state["epoch"]
+        reg = None
+        if phase.svd and (cfg["orth"] > 0 or (phase.sparsity and cfg["strength"] > 0)):
+            reg = svdkern.SVDRegularizer(
+                model,
+                orth=cfg["orth"],
+                sparsity=cfg["sparsity"],
+                strength=cfg["strength"] if phase.sparsity else 0.0,
+            )
+        net: nn.Module = model
+        if env.world > 1:
+            net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[env.device.index] if env.device.type == "cuda" else None
+            )
+        steps = steps_per_epoch(self.ds, cfg["batch_size"])
+        for epoch in range(start, epochs):
+            t0 = time.perf_counter()
+            sums = self._train_epoch(index, epoch, epochs, net, model, opt, reg, steps)
+            lr = opt.param_groups[0]["lr"]
+            sched.step()
+            test_loss, test_acc = evaluate(model, self.ds, env.device)
+            n = max(sums["count"], 1)
+            row = {
+                "phase": phase.name,
+                "epoch": epoch + 1,
+                "lr": lr,
+                "loss": sums["loss"] / n,
+                "task_loss": sums["task"] / n,
+                "orth": sums["orth"] / n,
+                "sparsity": sums["sparsity"] / n,
+                "nuclear": sums["nuclear"] / n,
+                "train_accuracy": sums["correct"] / n,
+                "test_loss": test_loss,
+                "test_accuracy": test_acc,
+                "seconds": time.perf_counter() - t0,
+            }
+            self._save(
+                {
+                    "format": 1,
+                    "phase": phase.name,
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "rng": checkpoint.get_rng_state(),
+                    "config": self.cfg,
+                    "results": self.results,
+                    "info": self.info,
+                    "wall_time_s": self.wall_time(),
+                },
+                CHECKPOINT,
+            )
+            self._metrics(row)
+            if self.show_bars:
+                self.log(
+                    f"{phase.name:>12} {epoch + 1:3d}/{epochs}  loss {row['loss']:.4f}  "
+                    f"train {row['train_accuracy']:.2%}  test {test_acc:.2%}  lr {lr:.2g}  "
+                    f"{row['seconds']:.1f}s"
+                )
+            self.epochs_run += 1
+            if cfg.get("stop_after_epochs") and self.epochs_run >= cfg["stop_after_epochs"]:
+                # Simulates a crash right after a checkpoint (for the resume tests).
+                env.barrier()
+                sys.stdout.flush()
+                os._exit(75)
+
+    def _diverged(self, phase: str, epoch: int, step: int, value: float, terms: dict) -> None:
+        where = "no checkpoint yet"
+        path = self.dir / CHECKPOINT
+        if path.exists():
+            last = checkpoint.load(path)
+            where = f"the last good checkpoint is {path} ({last['phase']}, epoch {last['epoch']})"
+        done = [f"{r}.pt" for r in self.results if (self.dir / f"{r}.pt").exists()]
+        parts = ", ".join(f"{k} {v.item():.4g}" for k, v in terms.items())
+        raise TrainingError(
+            f"the loss became {value} in phase {phase!r}, epoch {epoch + 1}, step {step + 1} "
+            f"({parts}); stopping. {where[0].upper()}{where[1:]}"
+            + (f"; finished phases: {', '.join(done)}" if done else "")
+            + ". Try a lower --lr or --strength (--init RUN_DIR/dense.pt reuses a trained dense "
+            "model)."
+        )
+
+    def _train_epoch(self, index, epoch, epochs, net, model, opt, reg, steps) -> dict[str, float]:
+        cfg, env = self.cfg, self.env
+        phase = PHASES[self.phases[index]]
+        model.train()
+        sums = dict.fromkeys(
+            ("loss", "task", "orth", "sparsity", "nuclear", "correct", "count"), 0.0
+        )
+        bar = tqdm(
+            total=steps,
+            desc=f"{phase.name} {epoch + 1}/{epochs}",
+            leave=False,
+            disable=not self.show_bars,
+            dynamic_ncols=True,
+        )
+        batches = train_batches(
+            self.ds, cfg["batch_size"], cfg["seed"], index, epoch, env.device, env.rank, env.world
+        )
+        for i, (x, y) in enumerate(batches):
+            out = net(x)
+            terms = {"task": F.cross_entropy(out, y)}
+            loss = terms["task"]
+            if reg is not None:
+                reg_terms = reg(model)
+                terms.update(orth=reg_terms["orth"], sparsity=reg_terms["sparsity"])
+                loss = loss + reg_terms["total"]
+            if phase.trp and cfg["trp_nuclear"] > 0:
+                terms["nuclear"] = baselines.nuclear_norm(model, cfg["decomposition"])
+                loss = loss + cfg["trp_nuclear"] * terms["nuclear"]
+            value = loss.detach().clone()
+            if env.world > 1:
+                dist.all_reduce(value)
+            if not math.isfinite(value.item()):
+                bar.close()
+                self._diverged(phase.name, epoch, i, value.item(), terms)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if phase.trp and (epoch * steps + i + 1) % cfg["trp_interval"] == 0:
+                baselines.trp_truncate_(model, cfg["decomposition"], self.trp_energy)
+            b = len(y)
+            sums["loss"] += loss.item() * b
+            for k, v in terms.items():
+                sums[k] += v.item() * b
+            sums["correct"] += (out.argmax(1) == y).sum().item()
+            sums["count"] += b
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.close()
+        keys = sorted(sums)
+        return dict(zip(keys, _all_sum([sums[k] for k in keys], env), strict=True))
+
+    # -- the run ----------------------------------------------------------------------
+
+    def finish_phase(self, name: str, model: nn.Module) -> None:
+        phase = PHASES[name]
+        result = self.measure(model)
+        extra = self.info.get(phase.result, {})
+        if "accuracy_before_finetune" in extra:
+            result["accuracy_before_finetune"] = extra["accuracy_before_finetune"]
+        self.results[phase.result] = result
+        self._save(
+            {
+                "model": model.state_dict(),
+                "config": self.cfg,
+                "phase": name,
+                "ranks": result["ranks"],
+            },
+            f"{phase.result}.pt",
+        )
+        self.env.barrier()
+        self.log(
+            f"[{name}] done: test accuracy {result['accuracy']:.2%}, params {result['params']:,}, "
+            f"MACs {result['macs']:,}"
+        )
+
+    def run(self) -> dict[str, Any]:
+        """Run (or finish) every phase; returns the results by model name."""
+        if self.env.main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        self.env.barrier()
+        first, state = 0, None
+        if self.resume is not None:
+            first = self.phases.index(self.resume["phase"])
+            state = self.resume
+            self._trim_metrics(first, state["epoch"])
+        for index in range(first, len(self.phases)):
+            name = self.phases[index]
+            phase = PHASES[name]
+            if state is not None:
+                model = self.skeleton(svd=phase.svd)
+                if phase.svd:
+                    svdkern.load_state_dict(model, state["model"])
+                else:
+                    model.load_state_dict(state["model"])
+                model.to(self.env.device)
+            else:
+                model = self.start_model(name)
+            self.train_phase(index, model, state)
+            state = None
+            self.finish_phase(name, model)
+        return self.results
+
+    # -- the report -------------------------------------------------------------------
+
+    def finalize(self) -> dict[str, Any]:
+        """Compress the run's final model, time it against dense, write report and plots."""
+        cfg, env = self.cfg, self.env
+        final = FINAL[cfg["method"]]
+        latency = None
+        if final != "dense":
+            model = self.load_result(final, svd=True)
+            compressed = svdkern.compress(model, input_shape=self.input_shape)
+            self.results["compressed"] = self.measure(compressed)
+            self.results["compressed"]["ranks"] = self.results[final]["ranks"]
+            self.results["compressed"]["full_ranks"] = self.results[final]["full_ranks"]
+            self.results["compressed"]["from"] = final
+            dense = self.load_result("dense", svd=False).eval()
+            batches = [1, min(256, len(self.ds.y_test))]
+            ms: dict[str, list[float]] = {"dense": [], "compressed": []}
+            for b in batches:
+                x = self.ds.normalize(self.ds.x_test[:b].to(env.device))
+                ms["dense"].append(report.measure_latency(dense, x))
+                ms["compressed"].append(report.measure_latency(compressed.eval(), x))
+            latency = {"device": str(env.device), "batches": batches, "ms": ms}
+        spec = {}
+        if "svd" in self.results:
+            spec = {
+                "before": spectra(self.load_result("dense", svd=False), cfg["decomposition"]),
+                "after": spectra(self.load_result("svd", svd=True), cfg["decomposition"]),
+            }
+        doc = {
+            "models": self.results,
+            "config": {k: v for k, v in cfg.items() if k != "stop_after_epochs"},
+            "latency": latency,
+            "prune": self.info,
+            "spectra": spec,
+            "environment": {
+                "device": str(env.device),
+                "processes": env.world,
+                "torch": torch.__version__,
+                "backend": svdkern.backend(),
+                "train_size": len(self.ds.y_train),
+                "test_size": len(self.ds.y_test),
+                "wall_time_s": self.wall_time(),
+            },
+        }
+        self.written = report.write_report(self.dir, doc)
+        return doc

@@ -1,0 +1,224 @@
+"""Reports of `svdkern train` (report.json, report.md, plots) and `svdkern compare`.
+
+report.json::
+
+    {"models": {"dense" | "svd" | "pruned" | "compressed" | "posthoc" | "trp" | ...:
+                   {"accuracy": fraction, "params": int, "macs": int, "ranks": {layer: r}, ...}},
+     "config": {...every flag...}, "latency": {...}, "prune": {...}, "spectra": {...},
+     "environment": {...}}
+
+params and macs are those of the model as deployed (after `svdkern.compress`: each
+SVD layer as the cheaper of its low-rank pair and one dense layer), per sample.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from svdkern.train import plots
+
+__all__ = ["compare", "format_table", "measure_latency", "write_report"]
+
+ORDER = ("dense", "svd", "pruned", "compressed", "posthoc", "trp_trained", "trp")
+DESCRIPTIONS = {
+    "dense": "dense model",
+    "svd": "SVD-trained, before pruning",
+    "pruned": "SVD-trained, pruned + fine-tuned",
+    "compressed": "pruned model compressed to plain torch layers",
+    "posthoc": "post-hoc truncated SVD of dense at the same MACs + fine-tuned",
+    "trp_trained": "TRP-trained dense weights (low rank), before decomposition",
+    "trp": "TRP, decomposed, pruned + fine-tuned",
+}
+
+
+def _ordered(models: dict[str, Any]) -> list[str]:
+    return [k for k in ORDER if k in models] + sorted(k for k in models if k not in ORDER)
+
+
+@torch.no_grad()
+def measure_latency(model: nn.Module, x: torch.Tensor, budget_s: float = 0.5) -> float:
+    """Median wall time in ms of model(x) in eval mode (3 warm-up calls, ≤ 50 timed)."""
+    was = model.training
+    model.eval()
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        model(x)
+    sync()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 5 or (len(times) < 50 and time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        model(x)
+        sync()
+        times.append(time.perf_counter() - t0)
+    model.train(was)
+    return 1000 * statistics.median(times)
+
+
+def format_table(models: dict[str, dict[str, Any]], markdown: bool = False) -> str:
+    """accuracy, params, MACs (and × fewer MACs than dense) of every model."""
+    dense_macs = models.get("dense", {}).get("macs")
+    header = ["model", "test accuracy", "params", "MACs", "MACs ÷"]
+    rows = []
+    for name in _ordered(models):
+        m = models[name]
+        ratio = f"{dense_macs / m['macs']:.2f}×" if dense_macs and m.get("macs") else "-"
+        rows.append(
+            [name, f"{100 * m['accuracy']:.2f}%", f"{m['params']:,}", f"{m['macs']:,}", ratio]
+        )
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def fmt(r: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+        )
+
+    return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, rows)])
+
+
+def _rank_table(models: dict[str, dict[str, Any]]) -> str:
+    full = next((m["full_ranks"] for m in models.values() if m.get("full_ranks")), {})
+    cols = [k for k in _ordered(models) if k != "compressed" and models[k].get("ranks")]
+    lines = ["| layer | full | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for layer in full:
+        cells = [str(models[c]["ranks"].get(layer, "-")) for c in cols]
+        lines.append(f"| {layer} | {full[layer]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _markdown(report: dict[str, Any], pictures: dict[str, str]) -> str:
+    cfg, models = report["config"], report["models"]
+    env = report["environment"]
+    prune = cfg["energy"] if cfg.get("target_flops") is None else None
+    lines = [
+        f"# svdkern train: {cfg['out']}",
+        "",
+        f"Data **{cfg['data']}** ({env['train_size']} train / {env['test_size']} test), "
+        f"model **{cfg['model']}**, method **{cfg['method']}**, decomposition "
+        f"{cfg['decomposition']}, λ_o = {cfg['orth']}, {cfg['sparsity']} λ_s = {cfg['strength']}, "
+        + (f"energy ε = {prune}" if prune is not None else f"target MACs {cfg['target_flops']}")
+        + f"; {cfg['optimizer']} lr {cfg['lr']}, {cfg['schedule']} schedule, batch "
+        f"{cfg['batch_size']}, epochs dense/svd/finetune {cfg['dense_epochs']}/"
+        f"{cfg['svd_epochs']}/{cfg['finetune_epochs']}, seed {cfg['seed']}.",
+        "",
+        f"Device {env['device']} ({env['processes']} process(es)), torch {env['torch']}, "
+        f"svdkern backend {env['backend']}, wall time {env['wall_time_s']:.0f} s.",
+        "",
+        "## Models",
+        "",
+        "MACs and params per sample, of each model as deployed (`svdkern.compress`: every SVD "
+        "layer as the cheaper of its low-rank pair and one dense layer).",
+        "",
+        format_table(models, markdown=True),
+        "",
+    ]
+    lines += [f"- **{k}**: {DESCRIPTIONS.get(k, k)}" for k in _ordered(models)]
+    before = {
+        k: m["accuracy_before_finetune"]
+        for k, m in models.items()
+        if "accuracy_before_finetune" in m
+    }
+    if before:
+        lines += [
+            "",
+            "Test accuracy right after pruning, before fine-tuning: "
+            + ", ".join(f"{k} {100 * v:.2f}%" for k, v in before.items())
+            + ".",
+        ]
+    lat = report.get("latency")
+    if lat:
+        lines += [
+            "",
+            f"## Inference latency ({lat['device']}, median of repeated calls, eval mode)",
+            "",
+            "| model | " + " | ".join(f"batch {b} (ms)" for b in lat["batches"]) + " |",
+            "|---|" + "---|" * len(lat["batches"]),
+        ]
+        for name in ("dense", "compressed"):
+            if name in lat["ms"]:
+                cells = [f"{v:.3f}" for v in lat["ms"][name]]
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## Ranks per layer", "", _rank_table(models), ""]
+    if pictures:
+        lines += ["## Plots", ""]
+        lines += [f"![{title}]({name})" for title, name in pictures.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
+    """report.json, the plots and report.md in `run_dir`; returns the written paths."""
+    run_dir = Path(run_dir)
+    written = {"json": run_dir / "report.json"}
+    written["json"].write_text(json.dumps(report, indent=2) + "\n")
+    models = report["models"]
+    pictures: dict[str, str] = {}
+    spec = report.get("spectra", {})
+    if spec.get("before") and spec.get("after"):
+        written["spectra"] = plots.plot_spectra(
+            spec["before"], spec["after"], run_dir / "spectra.png"
+        )
+        pictures["singular values per layer"] = "spectra.png"
+    full = next((m["full_ranks"] for m in models.values() if m.get("full_ranks")), None)
+    pruned = {k: models[k]["ranks"] for k in ("pruned", "posthoc", "trp") if k in models}
+    if full and pruned:
+        written["ranks"] = plots.plot_ranks(full, pruned, run_dir / "ranks.png")
+        pictures["rank per layer"] = "ranks.png"
+    written["accuracy_vs_macs"] = plots.plot_accuracy_vs_macs(
+        {report["config"]["out"]: models}, run_dir / "accuracy_vs_macs.png"
+    )
+    pictures["accuracy vs MACs"] = "accuracy_vs_macs.png"
+    written["markdown"] = run_dir / "report.md"
+    written["markdown"].write_text(_markdown(report, pictures))
+    return written
+
+
+def compare(run_dirs: Sequence[str], plot: str | None = "compare.png") -> str:
+    """One table of every model of every run, and one accuracy-vs-MACs plot."""
+    runs: dict[str, dict[str, Any]] = {}
+    for d in run_dirs:
+        path = Path(d) / "report.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{d}: no report.json (is it a finished `svdkern train` run?)")
+        runs[str(d)] = json.loads(path.read_text())["models"]
+    header = ["run", "model", "test accuracy", "params", "MACs", "MACs ÷"]
+    rows = []
+    for run, models in runs.items():
+        dense = models.get("dense", {}).get("macs")
+        for name in _ordered(models):
+            m = models[name]
+            ratio = f"{dense / m['macs']:.2f}×" if dense and m.get("macs") else "-"
+            rows.append(
+                [
+                    run,
+                    name,
+                    f"{100 * m['accuracy']:.2f}%",
+                    f"{m['params']:,}",
+                    f"{m['macs']:,}",
+                    ratio,
+                ]
+            )
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def fmt(r: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+        )
+
+    text = "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, rows)])
+    if plot:
+        plots.plot_accuracy_vs_macs(runs, Path(plot))
+        text += f"\n\nplot: {plot}"
+    return text

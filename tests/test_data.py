@@ -1,0 +1,168 @@
+"""Data of `svdkern train`: digits split, CIFAR-10 readers (both formats), the restricted
+unpickler, deterministic and shardable batches, augmentation."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from svdkern.train import data
+from svdkern.train.data import CIFAR_BIN, CIFAR_PY, DataError, load_array_pickle, read_cifar10
+
+RECORDS = 3  # images per tiny batch file
+
+
+def _tiny_batches(seed: int = 0) -> list[tuple[np.ndarray, list[int]]]:
+    rng = np.random.default_rng(seed)
+    return [
+        (
+            rng.integers(0, 256, (RECORDS, 3072), dtype=np.uint8),
+            rng.integers(0, 10, RECORDS).tolist(),
+        )
+        for _ in range(6)
+    ]
+
+
+def _write_bin(directory, batches) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, (pixels, labels) in zip(CIFAR_BIN, batches, strict=True):
+        records = np.concatenate([np.array(labels, dtype=np.uint8)[:, None], pixels], axis=1)
+        (directory / name).write_bytes(records.tobytes())
+
+
+def _write_py(directory, batches, protocol: int = 2) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, (pixels, labels) in zip(CIFAR_PY, batches, strict=True):
+        batch = {b"batch_label": b"tiny", b"labels": labels, b"data": pixels, b"filenames": []}
+        (directory / name).write_bytes(pickle.dumps(batch, protocol=protocol))
+
+
+def _expected(batches):
+    x_train = np.concatenate([p for p, _ in batches[:5]]).reshape(-1, 3, 32, 32)
+    y_train = np.concatenate([lab for _, lab in batches[:5]])
+    return x_train, y_train, batches[5][0].reshape(-1, 3, 32, 32), np.array(batches[5][1])
+
+
+def _check_read(root, batches) -> None:
+    x_train, y_train, x_test, y_test = read_cifar10(str(root))
+    ex_train, ey_train, ex_test, ey_test = _expected(batches)
+    assert x_train.dtype == torch.uint8 and x_train.shape == (5 * RECORDS, 3, 32, 32)
+    assert np.array_equal(x_train.numpy(), ex_train)
+    assert np.array_equal(y_train.numpy(), ey_train)
+    assert np.array_equal(x_test.numpy(), ex_test)
+    assert np.array_equal(y_test.numpy(), ey_test)
+
+
+def test_cifar10_binary_reader_matches_written_records(tmp_path):
+    batches = _tiny_batches()
+    _write_bin(tmp_path / "cifar-10-batches-bin", batches)
+    _check_read(tmp_path / "cifar-10-batches-bin", batches)
+    _check_read(tmp_path, batches)  # the parent directory works too
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL], ids=["proto2", "proto-highest"])
+def test_cifar10_python_reader_matches_written_pickles(tmp_path, protocol):
+    batches = _tiny_batches(1)
+    _write_py(tmp_path / "cifar-10-batches-py", batches, protocol)
+    _check_read(tmp_path / "cifar-10-batches-py", batches)
+    _check_read(tmp_path, batches)
+
+
+def test_cifar10_dataset_normalizes_and_augments(tmp_path):
+    _write_bin(tmp_path, _tiny_batches())
+    ds = data.load_dataset("cifar10", str(tmp_path))
+    assert ds.augment and ds.input_shape == (3, 32, 32) and ds.num_classes == 10
+    x, y = next(data.train_batches(ds, 4, 0, 0, 0, torch.device("cpu")))
+    assert x.dtype == torch.float32 and x.shape == (4, 3, 32, 32) and y.shape == (4,)
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_restricted_unpickler_refuses_os_system(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps({b"data": _Evil(marker), b"labels": [0]}, protocol=2)
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load global"):
+        load_array_pickle(payload)
+    batches = _tiny_batches()
+    _write_py(tmp_path / "d", batches)
+    (tmp_path / "d" / "data_batch_3").write_bytes(payload)
+    with pytest.raises(DataError, match=r"data_batch_3.*refusing"):
+        read_cifar10(str(tmp_path / "d"))
+    assert not marker.exists()
+
+
+def test_restricted_unpickler_loads_arrays_lists_dicts_strings_numbers():
+    value = {b"a": np.arange(6, dtype=np.uint8).reshape(2, 3), "b": [1, 2.5, "x"], "c": None}
+    for protocol in (2, pickle.HIGHEST_PROTOCOL):
+        out = load_array_pickle(pickle.dumps(value, protocol=protocol))
+        assert np.array_equal(out[b"a"], value[b"a"]) and out["b"] == value["b"]
+
+
+def test_missing_cifar_dir_lists_expected_files(tmp_path):
+    with pytest.raises(DataError, match=r"not a directory.*data_batch_1.bin.*test_batch"):
+        read_cifar10(str(tmp_path / "nope"))
+    (tmp_path / "data_batch_1.bin").write_bytes(b"")
+    with pytest.raises(DataError, match=r"no complete CIFAR-10 set.*data_batch_5.bin.*found: "):
+        read_cifar10(str(tmp_path))
+
+
+def test_malformed_cifar_binary_is_refused(tmp_path):
+    _write_bin(tmp_path, _tiny_batches())
+    (tmp_path / "test_batch.bin").write_bytes(b"\x00" * 100)
+    with pytest.raises(DataError, match="whole number of CIFAR-10 records"):
+        read_cifar10(str(tmp_path))
+
+
+def test_digits_split_is_fixed_and_stratified():
+    a, b = data.load_dataset("digits"), data.load_dataset("digits")
+    assert len(a.y_train) == 1437 and len(a.y_test) == 360
+    assert torch.equal(a.x_test, b.x_test) and torch.equal(a.y_train, b.y_train)
+    assert a.input_shape == (1, 8, 8)
+    counts = torch.bincount(a.y_test, minlength=10)
+    assert counts.min() >= 35
+
+
+def _epoch(ds, seed, phase, epoch, rank=0, world=1, batch=32):
+    return list(data.train_batches(ds, batch, seed, phase, epoch, torch.device("cpu"), rank, world))
+
+
+def test_batches_depend_only_on_seed_phase_epoch():
+    ds = data.load_dataset("synthetic")
+    a, b = _epoch(ds, 0, 1, 2), _epoch(ds, 0, 1, 2)
+    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
+    c = _epoch(ds, 0, 1, 3)
+    assert not torch.equal(a[0][0], c[0][0])
+    assert len(a) == len(ds.y_train) // 32
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_batches_union_equals_the_global_batch(world):
+    ds = data.load_dataset("synthetic")
+    full = _epoch(ds, 3, 0, 1)
+    shards = [_epoch(ds, 3, 0, 1, rank, world) for rank in range(world)]
+    assert all(len(s) == len(full) for s in shards)
+    for i, (x, _) in enumerate(full):
+        parts = torch.cat([s[i][0] for s in shards])
+        assert parts.shape == x.shape
+        key = lambda t: sorted(map(tuple, t.flatten(1).tolist()))  # noqa: E731
+        assert key(parts) == key(x)
+
+
+def test_augment_crop_and_flip():
+    x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).view(2, 1, 4, 4)
+    same = data._augment(x, torch.tensor([[4, 4], [4, 4]]), torch.tensor([False, True]))
+    assert torch.equal(same[0], x[0])
+    assert torch.equal(same[1], x[1].flip(-1))
+    shifted = data._augment(x, torch.tensor([[5, 3], [0, 0]]), torch.tensor([False, False]))
+    assert torch.equal(shifted[0, :, :3, 1:], x[0, :, 1:, :3])
+    assert shifted[0, :, 3].abs().sum() == 0 and shifted[0, :, :, 0].abs().sum() == 0

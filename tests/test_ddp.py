@@ -1,0 +1,73 @@
+"""`torchrun -m svdkern train` with 2 gloo processes on CPU equals a 1-process run with the
+same global batch (each process takes half of every global batch; DDP averages gradients;
+the SVD regularizer acts on the wrapped module's parameters)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from svdkern.__main__ import main
+from svdkern.train import checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ["--data", "synthetic", "--model", "mlp", "--quiet", "--batch-size", "32", "--seed", "3"]
+ARGS += ["--dense-epochs", "2", "--svd-epochs", "2", "--finetune-epochs", "1", "--no-baselines"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_two_gloo_processes_match_one_process(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["train", *ARGS, "--out", str(one)]) == 0
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1"]
+    launch += ["--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
+    launch += ["--master-port", str(_free_port())]
+    done = subprocess.run(
+        [*launch, "-m", "svdkern", "train", *ARGS, "--out", str(two)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    a = json.loads((one / "report.json").read_text())
+    b = json.loads((two / "report.json").read_text())
+    assert b["environment"]["processes"] == 2 and a["environment"]["processes"] == 1
+    for name in ("dense", "svd"):
+        sa = checkpoint.load(one / f"{name}.pt")["model"]
+        sb = checkpoint.load(two / f"{name}.pt")["model"]
+        for key in sa:
+            torch.testing.assert_close(sb[key], sa[key], atol=2e-4, rtol=1e-3, msg=key)
+        assert abs(a["models"][name]["accuracy"] - b["models"][name]["accuracy"]) <= 0.02
+    assert a["models"]["pruned"]["ranks"] == b["models"]["pruned"]["ranks"]
+    assert abs(a["models"]["pruned"]["accuracy"] - b["models"]["pruned"]["accuracy"]) <= 0.02
+    rows = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 5  # rank 0 alone writes metrics

@@ -1,0 +1,286 @@
+"""`svdkern train` end to end on synthetic data: report, checkpoints, methods, config files,
+bad flags, NaN stop, kill-and-resume; `svdkern compare` and `svdkern check`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import svdkern
+from svdkern.__main__ import main
+from svdkern.train import checkpoint
+from svdkern.train.models import CLASSIFIER, build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--data", "synthetic", "--quiet", "--dense-epochs", "1", "--svd-epochs", "1"]
+TINY += ["--finetune-epochs", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _train(*args: str) -> int:
+    return main(["train", *TINY, *args])
+
+
+def _subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "svdkern", "train", *args],
+        cwd=ROOT,
+        env=_subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _report(run: Path) -> dict:
+    return json.loads((run / "report.json").read_text())
+
+
+def _tensors_equal(a: Path, b: Path) -> None:
+    sa, sb = checkpoint.load(a)["model"], checkpoint.load(b)["model"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_train_end_to_end_writes_report_checkpoints_and_plots(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train("--out", str(run)) == 0
+    out = capsys.readouterr().out
+    assert "pruned" in out and "posthoc" in out and "report.md" in out
+
+    doc = _report(run)
+    assert set(doc["models"]) == {"dense", "svd", "pruned", "compressed", "posthoc"}
+    for name, m in doc["models"].items():
+        assert 0.0 <= m["accuracy"] <= 1.0, name
+        assert isinstance(m["params"], int) and isinstance(m["macs"], int) and m["macs"] > 0
+        assert set(m["ranks"]) == {"fc1", "fc2"}
+    assert doc["models"]["dense"]["ranks"] == {"fc1": 64, "fc2": 256}
+    assert doc["config"]["data"] == "synthetic" and doc["config"]["method"] == "svd"
+    assert doc["models"]["posthoc"]["macs"] <= doc["models"]["pruned"]["macs"]
+    assert doc["models"]["compressed"]["macs"] == doc["models"]["pruned"]["macs"]
+    assert set(doc["latency"]["ms"]) == {"dense", "compressed"}
+
+    md = (run / "report.md").read_text()
+    assert "| pruned |" in md and "Inference latency" in md and "Ranks per layer" in md
+    for png in ("spectra.png", "ranks.png", "accuracy_vs_macs.png"):
+        assert (run / png).read_bytes()[:4] == b"\x89PNG"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["epoch"]) for r in rows] == [
+        ("dense", 1),
+        ("svd", 1),
+        ("finetune", 1),
+        ("posthoc", 1),
+    ]
+    assert rows[1]["sparsity"] > 0 and rows[1]["orth"] >= 0
+
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["phase"] == "posthoc" and state["epoch"] == 1
+    assert set(state["rng"]) >= {"torch", "numpy_keys", "python"}
+    assert {"optimizer", "scheduler", "config", "results"} <= set(state)
+
+    pruned = svdkern.decompose(build_model("mlp", (1, 8, 8), 10), skip=[CLASSIFIER])
+    svdkern.load_state_dict(pruned, checkpoint.load(run / "pruned.pt")["model"])
+    ranks = {n: m.rank for n, m in pruned.named_modules() if isinstance(m, svdkern.SVDLinear)}
+    assert ranks == doc["models"]["pruned"]["ranks"]
+
+
+@pytest.mark.parametrize(
+    "method, models",
+    [
+        ("dense", {"dense"}),
+        ("posthoc", {"dense", "posthoc", "compressed"}),
+        ("trp", {"dense", "trp_trained", "trp", "compressed"}),
+    ],
+)
+def test_train_methods(tmp_path, method, models):
+    run = tmp_path / method
+    extra = ["--trp-interval", "3"] if method == "trp" else []
+    assert _train("--out", str(run), "--method", method, *extra) == 0
+    assert set(_report(run)["models"]) == models
+
+
+def test_init_from_dense_checkpoint_with_sgd_and_cosine(tmp_path):
+    first, second = tmp_path / "dense", tmp_path / "svd"
+    assert _train("--out", str(first), "--method", "dense") == 0
+    args = ["--init", str(first / "dense.pt"), "--optimizer", "sgd", "--schedule", "cosine"]
+    assert _train("--out", str(second), "--no-baselines", "--svd-epochs", "2", *args) == 0
+    a, b = _report(first), _report(second)
+    assert b["config"]["dense_epochs"] == 0
+    assert b["models"]["dense"]["accuracy"] == a["models"]["dense"]["accuracy"]
+    rows = [json.loads(line) for line in (second / "metrics.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in rows] == ["svd", "svd", "finetune"]
+    assert rows[0]["lr"] == 0.1 and rows[1]["lr"] < 0.1  # cosine over the 2 SVD epochs
+
+
+def test_spatial_decomposition_and_target_flops_with_cnn(tmp_path):
+    run = tmp_path / "run"
+    args = ["--model", "cnn", "--decomposition", "spatial", "--target-flops", "0.5"]
+    assert _train("--out", str(run), "--no-baselines", *args) == 0
+    doc = _report(run)
+    assert set(doc["models"]) == {"dense", "svd", "pruned", "compressed"}
+    assert doc["models"]["pruned"]["macs"] <= 0.5 * doc["models"]["dense"]["macs"]
+
+
+def test_config_file_sets_flags_and_command_line_wins(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(
+        'data = "synthetic"\nmethod = "dense"\ndense-epochs = 1\nbatch_size = 16\n'
+        "quiet = true\nmilestones = [0.5]\nlr = 0.01\n"
+    )
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--out", str(run), "--lr", "0.002"]) == 0
+    config = _report(run)["config"]
+    assert config["batch_size"] == 16 and config["milestones"] == [0.5]
+    assert config["lr"] == 0.002 and config["method"] == "dense"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "vgg"], "argument --model: invalid choice: 'vgg'"),
+        (["--energy", "1.5"], r"argument --energy: --energy must be in \(0, 1\), got 1.5"),
+        (["--energy", "0.1", "--target-flops", "0.5"], "argument --target-flops: not allowed"),
+        (["--data", "cifar10"], "argument --data-dir: required with --data cifar10"),
+        (
+            ["--data", "cifar10", "--data-dir", "{tmp}/missing"],
+            "argument --data-dir: .*data_batch_1.bin",
+        ),
+        (
+            ["--data", "cifar10", "--data-dir", "{tmp}"],
+            "argument --data-dir: .*no complete CIFAR-10",
+        ),
+        (["--resume", "{tmp}"], "argument --resume: no checkpoint.pt"),
+        (["--init", "{tmp}/none.pt"], "argument --init: no such checkpoint"),
+        (["--batch-size", "0"], "argument --batch-size: must be >= 1"),
+        (["--device", "tpu:x"], "argument --device"),
+        (["--config", "{tmp}/bad.toml"], "argument --config: unknown key 'modle'"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_bad_flags_are_answered_by_argparse_naming_the_flag(tmp_path, capsys, argv, message):
+    (tmp_path / "bad.toml").write_text('modle = "mlp"\n')
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--out", str(tmp_path / "run"), *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: svdkern train" in err
+    assert re.search(message, err), err
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train("--out", str(run), "--method", "dense") == 0
+    with pytest.raises(SystemExit):
+        _train("--out", str(run), "--method", "dense")
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _train("--out", str(run), "--strength", "1e38", "--no-baselines") == 1
+    err = capsys.readouterr().err
+    assert "loss became inf" in err and "phase 'svd', epoch 1, step 1" in err
+    assert "last good checkpoint" in err
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert (state["phase"], state["epoch"]) == ("dense", 1)
+    assert not (run / "report.json").exists()
+
+
+@pytest.mark.slow
+def test_kill_and_resume_ends_like_an_uninterrupted_run(tmp_path):
+    args = [*TINY, "--svd-epochs", "2", "--finetune-epochs", "2", "--method", "svd"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert main(["train", *args, "--out", str(full)]) == 0  # the reference, in process
+    crash = _run(*args, "--out", str(killed), "--stop-after-epochs", "4")
+    assert crash.returncode == 75, crash.stderr
+    state = checkpoint.load(killed / "checkpoint.pt")
+    assert (state["phase"], state["epoch"]) == ("finetune", 1)
+    assert not (killed / "report.json").exists()
+    resumed = _run("--resume", str(killed), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+
+    a, b = _report(full)["models"], _report(killed)["models"]
+    assert a.keys() == b.keys()
+    for name in a:
+        for key in ("accuracy", "loss", "params", "macs", "ranks"):
+            assert a[name][key] == b[name][key], (name, key)
+    for name in ("dense.pt", "svd.pt", "pruned.pt", "posthoc.pt"):
+        _tensors_equal(full / name, killed / name)
+    rows = lambda run: [  # noqa: E731
+        {k: v for k, v in json.loads(line).items() if k != "seconds"}
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert rows(full) == rows(killed)
+
+
+def test_compare_prints_one_table_and_one_plot(tmp_path, capsys):
+    runs = []
+    for method in ("dense", "posthoc"):
+        runs.append(str(tmp_path / method))
+        assert _train("--out", runs[-1], "--method", method) == 0
+    capsys.readouterr()
+    plot = tmp_path / "cmp.png"
+    assert main(["compare", *runs, "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("dense") >= 2 and "posthoc" in out and str(plot) in out
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for flag in (
+        "--data-dir",
+        "--decomposition",
+        "--orth",
+        "--sparsity",
+        "--strength",
+        "--energy",
+        "--target-flops",
+        "--method",
+        "--no-baselines",
+        "--init",
+        "--resume",
+        "--optimizer",
+        "--schedule",
+        "--device",
+        "--config",
+        "--seed",
+    ):
+        assert flag in out, flag
+    assert "--stop-after-epochs" not in out
+
+
+def test_check_is_the_default_command_and_passes(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "backend:" in out and "compose" in out and "FAIL" not in out
+
+
+def test_unknown_command(capsys):
+    assert main(["fly"]) == 2
+    assert "unknown command 'fly'" in capsys.readouterr().err
