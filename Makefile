@@ -13,7 +13,9 @@ export MAX_JOBS ?= 2
 
 .PHONY: demo test test-cpu test-interp test-gpu bench bench-gpu lint install clean
 
+# The backend and every op against the reference, then the whole pipeline on digits.
 demo: $(VENV)/.installed
+	$(PYTHON) -m svdkern check
 	$(PYTHON) -m svdkern train
 
 test: test-cpu test-interp
