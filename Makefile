@@ -22,7 +22,7 @@ test: test-cpu test-interp
 
 # The whole CPU suite: C++ kernels, autograd, opcheck, compile, modules, CLI, DDP, resume.
 test-cpu: $(VENV)/.installed
-	$(PYTEST) -q -m "not interp"
+	$(PYTEST) -q
 
 # The Triton kernels on CPU tensors through the same ops (TRITON_INTERPRET=1), small shapes.
 test-interp: $(VENV)/.installed
