@@ -141,6 +141,14 @@ class _SVDBase(nn.Module):
         self.s.copy_(s[:r])
         self.V.copy_(V[:, :r])
 
+    @torch.no_grad()
+    def _copy_from_dense(self, dense: nn.Module) -> _SVDBase:
+        """Factors from `dense.weight`, its bias and its train/eval mode; returns self."""
+        self._init_from_weight(dense.weight)
+        if dense.bias is not None:
+            self.bias.copy_(dense.bias)
+        return self.train(dense.training)
+
     # --- rank changes ----------------------------------------------------------------
 
     def _keep_indices(self, keep) -> torch.Tensor:
@@ -290,11 +298,7 @@ class SVDLinear(_SVDBase):
                 device=w.device,
                 dtype=w.dtype,
             )
-        layer._init_from_weight(w)
-        if linear.bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(linear.bias)
-        return layer.train(linear.training)
+        return layer._copy_from_dense(linear)
 
     def _matrix_from_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return weight
@@ -495,11 +499,7 @@ class SVDConv2d(_SVDBase):
                 device=w.device,
                 dtype=w.dtype,
             )
-        layer._init_from_weight(w)
-        if conv.bias is not None:
-            with torch.no_grad():
-                layer.bias.copy_(conv.bias)
-        return layer.train(conv.training)
+        return layer._copy_from_dense(conv)
 
     def _matrix_from_weight(self, weight: torch.Tensor) -> torch.Tensor:
         c_out, c_in, kh, kw = weight.shape

@@ -58,6 +58,31 @@ def _keep_chain(budget: int):
     return keep
 
 
+@triton.jit
+def _rows_dot(
+    A, B, offs_m, mask_m, offs_r, mask_r, K,
+    stride_am, stride_ak, stride_bk, stride_br,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, R_PAD: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """A[offs_m, :K]·B[:K, offs_r] as a (BLOCK_M × R_PAD) ACC tile, over K in BLOCK_K steps.
+
+    The on-chip half of the chain: t = x·V (forward and backward) and gu = g·U.
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = A + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = B + offs_k[:, None].to(tl.int64) * stride_bk + offs_r[None, :] * stride_br
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=ACC)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        acc = mma(a, b, acc, PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    return acc
+
+
 @triton.autotune(
     configs=_chain_configs(),
     key=["ROWS", "N", "M", "R_PAD"],
@@ -100,18 +125,10 @@ def _lowrank_fwd_kernel(
     mask_m = offs_m < ROWS
     offs_r = tl.arange(0, R_PAD)
     mask_r = offs_r < R
-    offs_k = tl.arange(0, BLOCK_K)
-
-    x_ptrs = X + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
-    v_ptrs = V + offs_k[:, None].to(tl.int64) * stride_vk + offs_r[None, :] * stride_vr
-    t = tl.zeros((BLOCK_M, R_PAD), dtype=ACC)
-    for k0 in range(0, N, BLOCK_K):
-        mask_k = offs_k < N - k0
-        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        v = tl.load(v_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-        t = mma(x, v, t, PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        v_ptrs += BLOCK_K * stride_vk
+    t = _rows_dot(
+        X, V, offs_m, mask_m, offs_r, mask_r, N, stride_xm, stride_xk, stride_vk, stride_vr,
+        ACC, PRECISION, BLOCK_M, R_PAD, BLOCK_K,
+    )  # fmt: skip
     sv = tl.load(S + offs_r, mask=mask_r, other=0.0).to(ACC)
     ts = (t * sv[None, :]).to(X.dtype.element_ty)
 
@@ -175,29 +192,14 @@ def _lowrank_bwd_rows_kernel(
     mask_m = offs_m < ROWS
     offs_r = tl.arange(0, R_PAD)
     mask_r = offs_r < R
-    offs_k = tl.arange(0, BLOCK_K)
-
-    x_ptrs = X + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
-    v_ptrs = V + offs_k[:, None].to(tl.int64) * stride_vk + offs_r[None, :] * stride_vr
-    t = tl.zeros((BLOCK_M, R_PAD), dtype=ACC)
-    for k0 in range(0, N, BLOCK_K):
-        mask_k = offs_k < N - k0
-        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        v = tl.load(v_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-        t = mma(x, v, t, PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        v_ptrs += BLOCK_K * stride_vk
-
-    g_ptrs = GY + offs_m[:, None].to(tl.int64) * stride_gm + offs_k[None, :] * stride_gn
-    u_ptrs = U + offs_k[:, None].to(tl.int64) * stride_um + offs_r[None, :] * stride_ur
-    gu = tl.zeros((BLOCK_M, R_PAD), dtype=ACC)
-    for k0 in range(0, M, BLOCK_K):
-        mask_k = offs_k < M - k0
-        g = tl.load(g_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        u = tl.load(u_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
-        gu = mma(g, u, gu, PRECISION)
-        g_ptrs += BLOCK_K * stride_gn
-        u_ptrs += BLOCK_K * stride_um
+    t = _rows_dot(
+        X, V, offs_m, mask_m, offs_r, mask_r, N, stride_xm, stride_xk, stride_vk, stride_vr,
+        ACC, PRECISION, BLOCK_M, R_PAD, BLOCK_K,
+    )  # fmt: skip
+    gu = _rows_dot(
+        GY, U, offs_m, mask_m, offs_r, mask_r, M, stride_gm, stride_gn, stride_um, stride_ur,
+        ACC, PRECISION, BLOCK_M, R_PAD, BLOCK_K,
+    )  # fmt: skip
 
     tl.store(DS_PART + pid.to(tl.int64) * R + offs_r, tl.sum(t * gu, axis=0), mask=mask_r)
     sv = tl.load(S + offs_r, mask=mask_r, other=0.0).to(ACC)
