@@ -360,6 +360,8 @@ def test_autocast_runs_matmul_ops_in_autocast_dtype_and_losses_in_fp32():
         sparsity = ops.sparsity_loss([s])
     assert W.dtype == W_grouped.dtype == y.dtype == torch.bfloat16
     assert orth.dtype == sparsity.dtype == torch.float32
+    # The Gram inside orth_loss stays fp32: autocast must not reach the kernel's own GEMMs.
+    torch.testing.assert_close(orth, reference.orth_loss([U, V]))
     (W.float().sum() + y.float().sum()).backward()
     assert U.grad.dtype == torch.float32  # gradients flow back through the autocast cast
 
