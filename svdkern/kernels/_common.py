@@ -32,10 +32,6 @@ def acc_dtype(dtype: torch.dtype) -> tl.dtype:
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def loss_torch_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def input_precision(dtype: torch.dtype) -> str:
     """tl.dot precision: TF32 for fp32 only when torch allows it, else exact ("ieee")."""
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not INTERPRET:

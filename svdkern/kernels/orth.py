@@ -26,7 +26,6 @@ from svdkern.kernels._common import (
     configs,
     device_guard,
     input_precision,
-    loss_torch_dtype,
     num_sms,
     offsets,
     pack,
@@ -35,6 +34,7 @@ from svdkern.kernels._common import (
     unpack,
 )
 from svdkern.kernels._gemm import _tile_dot, mma
+from svdkern.reference import loss_dtype
 
 
 def _fwd_configs() -> list[triton.Config]:
@@ -209,7 +209,7 @@ def _forward(
     mats = list(mats)
     shapes, _, _, table = _layout(op, mats)
     dtype, device = mats[0].dtype, mats[0].device
-    ldtype = loss_torch_dtype(dtype)
+    ldtype = loss_dtype(dtype)
     cap = 4 * num_sms(device)
     part = torch.zeros(cap, dtype=ldtype, device=device)
     res = torch.empty(
@@ -247,7 +247,7 @@ def orth_loss_bwd(
     mats, residuals = list(mats), list(residuals)
     shapes, _, _, table = _layout("orth_loss_backward", mats)
     dtype, device = mats[0].dtype, mats[0].device
-    ldtype = loss_torch_dtype(dtype)
+    ldtype = loss_dtype(dtype)
     if len(residuals) != len(mats):
         raise ValueError(
             f"orth_loss_backward: residuals must have {len(mats)} tensors (one per matrix), "

@@ -22,13 +22,13 @@ from svdkern.kernels._common import (
     acc_dtype,
     check_device_dtype,
     device_guard,
-    loss_torch_dtype,
     num_sms,
     offsets,
     pack,
     problem_table,
     unpack,
 )
+from svdkern.reference import loss_dtype
 
 _KINDS = {"l1": 0, "hoyer": 1, "hoyer_square": 2}
 _BLOCK = 1024
@@ -129,7 +129,7 @@ def sparsity_loss_fwd(svals: Sequence[torch.Tensor], kind: str) -> torch.Tensor:
     check_svals("sparsity_loss", svals, kind)
     check_device_dtype("sparsity_loss", svals[0])
     dtype, device = svals[0].dtype, svals[0].device
-    ldtype = loss_torch_dtype(dtype)
+    ldtype = loss_dtype(dtype)
     offs, total = _layout(svals, device)
     programs = _programs(svals, total, device)
     part = torch.empty(programs, dtype=ldtype, device=device)
@@ -149,7 +149,7 @@ def sparsity_loss_bwd(
     check_svals("sparsity_loss_backward", svals, kind)
     check_device_dtype("sparsity_loss_backward", svals[0])
     dtype, device = svals[0].dtype, svals[0].device
-    ldtype = loss_torch_dtype(dtype)
+    ldtype = loss_dtype(dtype)
     offs, total = _layout(svals, device)
     out = torch.empty(total, dtype=dtype, device=device)
     grad = grad.detach().reshape(1).to(device=device, dtype=ldtype)
