@@ -90,21 +90,24 @@ class LowrankLinear : public torch::autograd::Function<LowrankLinear> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& U, const Tensor& s,
                         const Tensor& V, const std::optional<Tensor>& bias) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op = op_handle<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                      const std::optional<Tensor>&)>("svdkern::lowrank_linear");
-    ctx->save_for_backward({x, U, s, V});
+    static auto op = op_handle<std::tuple<Tensor, Tensor>(
+        const Tensor&, const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&)>(
+        "svdkern::lowrank_linear_forward");
+    auto [y, xv] = op.call(x, U, s, V, bias);
+    ctx->save_for_backward({x, U, s, V, xv});
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
-    return op.call(x, U, s, V, bias);
+    return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static auto op = op_handle<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
-        const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool)>(
-        "svdkern::lowrank_linear_backward");
+        const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+        bool)>("svdkern::lowrank_linear_backward");
     const auto saved = ctx->get_saved_variables();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const bool bias_grad = has_bias && ctx->needs_input_grad(4);
-    auto [dx, dU, ds, dV, dbias] = op.call(grads[0], saved[0], saved[1], saved[2], saved[3], bias_grad);
+    auto [dx, dU, ds, dV, dbias] =
+        op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], bias_grad);
     return {dx, dU, ds, dV, bias_grad ? dbias : Tensor()};
   }
 };

@@ -25,9 +25,14 @@ TORCH_LIBRARY(svdkern, m) {
       "compose_grouped_backward(Tensor[] grad_Ws, Tensor[] Us, Tensor[] ss, Tensor[] Vs)"
       " -> (Tensor[], Tensor[], Tensor[])");
   m.def("lowrank_linear(Tensor x, Tensor U, Tensor s, Tensor V, Tensor? bias=None) -> Tensor");
+  // The forward used under autograd also returns xv = x·V (rows×r) for the backward to
+  // reuse, or an empty tensor where the kernel recomputes it on chip (Triton).
+  m.def(
+      "lowrank_linear_forward(Tensor x, Tensor U, Tensor s, Tensor V, Tensor? bias=None)"
+      " -> (Tensor, Tensor)");
   m.def(
       "lowrank_linear_backward(Tensor grad_y, Tensor x, Tensor U, Tensor s, Tensor V,"
-      " bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      " Tensor xv, bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("orth_loss(Tensor[] mats) -> Tensor");
   // The forward used under autograd also returns the Gram residuals Rᵢ = MᵢᵀMᵢ − I (r×r,
   // fp32), so the backward 4·M·R/r² costs one GEMM per matrix instead of two.

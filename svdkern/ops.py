@@ -43,11 +43,11 @@ from svdkern._checks import (
 
 __all__ = [
     "backend",
-    "reference_mode",
     "compose",
     "compose_grouped",
     "lowrank_linear",
     "orth_loss",
+    "reference_mode",
     "sparsity_loss",
 ]
 
@@ -57,6 +57,7 @@ OP_NAMES = (
     "compose_grouped",
     "compose_grouped_backward",
     "lowrank_linear",
+    "lowrank_linear_forward",
     "lowrank_linear_backward",
     "orth_loss",
     "orth_loss_forward",
@@ -139,8 +140,15 @@ def _register_fakes() -> None:
         check_lowrank_input("lowrank_linear", x, U, s, V, bias)
         return x.new_empty((*x.shape[:-1], U.shape[0]))
 
+    @torch.library.register_fake("svdkern::lowrank_linear_forward")
+    def _(x, U, s, V, bias=None):
+        check_lowrank_input("lowrank_linear", x, U, s, V, bias)
+        rows = x.shape[:-1].numel()
+        xv_shape = (rows, U.shape[1]) if _keeps_xv(x.device) else (0,)
+        return x.new_empty((*x.shape[:-1], U.shape[0])), x.new_empty(xv_shape)
+
     @torch.library.register_fake("svdkern::lowrank_linear_backward")
-    def _(grad_y, x, U, s, V, bias_grad):
+    def _(grad_y, x, U, s, V, xv, bias_grad):
         grad_bias = U.new_empty((U.shape[0],) if bias_grad else (0,))
         return (
             torch.empty_like(x),
@@ -173,6 +181,12 @@ def _register_fakes() -> None:
     @torch.library.register_fake("svdkern::sparsity_loss_backward")
     def _(grad, svals, kind):
         return [torch.empty_like(s) for s in svals]
+
+
+def _keeps_xv(device: torch.device) -> bool:
+    """Whether lowrank_linear_forward on `device` returns x·V for the backward (the C++ CPU
+    kernel) or an empty tensor (the Triton kernels recompute it on chip)."""
+    return device.type == "cpu" and _BACKEND_ENV != "triton"
 
 
 _LIB: torch.library.Library | None = None

@@ -24,6 +24,8 @@ if not (INTERPRET or HAS_CUDA):
 
 from svdkern.kernels import IMPLS  # noqa: E402  (after the skip: importing needs triton)
 
+EMPTY = torch.empty(0)  # the xv of lowrank_linear_backward: the kernels recompute x·V on chip
+
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 # dtype and tolerance (atol, rtol) travel together; fp64 only through the interpreter.
@@ -207,7 +209,7 @@ def test_lowrank_linear_backward_matches_reference(batch, n, m, r, has_bias, dty
     U, s, V = _randn(m, r, dtype=dtype), _randn(r, dtype=dtype), _randn(n, r, dtype=dtype)
     bias = _randn(m, dtype=dtype)
     grad_y = _randn(*batch, m, dtype=dtype)
-    dx, dU, ds, dV, dbias = IMPLS["lowrank_linear_backward"](grad_y, x, U, s, V, has_bias)
+    dx, dU, ds, dV, dbias = IMPLS["lowrank_linear_backward"](grad_y, x, U, s, V, EMPTY, has_bias)
     leaves = _leaves((x, U, s, V, bias), dtype)
     y = reference.lowrank_linear(*leaves)
     expected = torch.autograd.grad(y, leaves, grad_y.to(y.dtype), allow_unused=True)
@@ -236,7 +238,7 @@ def test_lowrank_linear_non_contiguous_inputs():
     )
     leaves = _leaves((x, U, s, V, bias), torch.float32)
     expected = torch.autograd.grad(reference.lowrank_linear(*leaves), leaves, grad_y)
-    for a, e in zip(IMPLS["lowrank_linear_backward"](grad_y, x, U, s, V, True), expected):
+    for a, e in zip(IMPLS["lowrank_linear_backward"](grad_y, x, U, s, V, EMPTY, True), expected):
         _close(a, e, 1e-4, 1e-4)
 
 
@@ -374,7 +376,7 @@ def test_lowrank_linear_cuda_large(rows, n, m, r, dtype, atol, rtol):
     _close(IMPLS["lowrank_linear"](x, U, s, V, bias), y, atol, rtol)
     grad_y = _unit(rows, m, dtype=dtype)
     expected = torch.autograd.grad(y, leaves, grad_y.float())
-    for a, e in zip(IMPLS["lowrank_linear_backward"](grad_y, x, U, s, V, True), expected):
+    for a, e in zip(IMPLS["lowrank_linear_backward"](grad_y, x, U, s, V, EMPTY, True), expected):
         _close(a, e, atol, rtol)
 
 

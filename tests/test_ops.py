@@ -281,14 +281,19 @@ def _opcheck_cases():
         pytest.param("lowrank_linear", (x, U, s, V, b), id="lowrank_linear"),
         pytest.param("lowrank_linear", (x, U, s, V, None), id="lowrank_linear_nobias"),
         pytest.param(
+            "lowrank_linear_forward",
+            (no_grad[6], *no_grad[:3], b.detach()),
+            id="lowrank_linear_forward",
+        ),
+        pytest.param(
             "lowrank_linear_backward",
-            (torch.randn(2, 3, 7), no_grad[6], *no_grad[:3], True),
+            (torch.randn(2, 3, 7), no_grad[6], *no_grad[:3], torch.randn(6, 3), True),
             id="lowrank_linear_backward",
         ),
         pytest.param(
             "lowrank_linear_backward",
-            (torch.randn(2, 3, 7), no_grad[6], *no_grad[:3], False),
-            id="lowrank_linear_backward_nobias",
+            (torch.randn(2, 3, 7), no_grad[6], *no_grad[:3], torch.empty(0), False),
+            id="lowrank_linear_backward_recompute_nobias",
         ),
         pytest.param("orth_loss", ([U, V, U2],), id="orth_loss"),
         pytest.param("orth_loss_forward", ([no_grad[0], no_grad[2]],), id="orth_loss_forward"),

@@ -72,22 +72,30 @@ compose_grouped_backward_cpu(at::TensorList grad_Ws, at::TensorList Us, at::Tens
   return {dUs, dss, dVs};
 }
 
-at::Tensor lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& U, const at::Tensor& s,
-                              const at::Tensor& V, const std::optional<at::Tensor>& bias) {
+// y = ((x·V)·diag(s))·Uᵀ + bias and xv = x·V (rows×r), which the backward reuses.
+std::tuple<at::Tensor, at::Tensor> lowrank_linear_forward_cpu(const at::Tensor& x, const at::Tensor& U,
+                                                              const at::Tensor& s, const at::Tensor& V,
+                                                              const std::optional<at::Tensor>& bias) {
   check_lowrank_input("lowrank_linear", x, U, s, V, bias);
   const NoAutocast no_autocast;
   const at::Tensor x2 = x.reshape({-1, x.size(-1)});
-  const at::Tensor t = at::mm(x2, V) * s;  // rows×r
+  at::Tensor xv = at::mm(x2, V);
+  const at::Tensor t = xv * s;
   at::Tensor y = (bias.has_value() && bias->defined()) ? at::addmm(*bias, t, U.t())
                                                         : at::mm(t, U.t());
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = U.size(0);
-  return y.view(shape);
+  return {y.view(shape), xv};
+}
+
+at::Tensor lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& U, const at::Tensor& s,
+                              const at::Tensor& V, const std::optional<at::Tensor>& bias) {
+  return std::get<0>(lowrank_linear_forward_cpu(x, U, s, V, bias));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_linear_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& U, const at::Tensor& s,
-    const at::Tensor& V, bool bias_grad) {
+    const at::Tensor& V, const at::Tensor& xv, bool bias_grad) {
   check_lowrank_input("lowrank_linear_backward", x, U, s, V, std::nullopt);
   const NoAutocast no_autocast;
   TORCH_CHECK_VALUE(grad_y.dim() == x.dim() && grad_y.size(-1) == U.size(0),
@@ -95,7 +103,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lowrank_l
                     ") matching x of shape ", x.sizes(), ", got ", grad_y.sizes());
   const at::Tensor x2 = x.reshape({-1, x.size(-1)});
   const at::Tensor g = grad_y.reshape({-1, U.size(0)});
-  const at::Tensor t = at::mm(x2, V);  // rows×r
+  const bool reuse = xv.dim() == 2 && xv.size(0) == x2.size(0) && xv.size(1) == U.size(1);
+  const at::Tensor t = reuse ? xv : at::mm(x2, V);  // rows×r
   const at::Tensor gu = at::mm(g, U);  // rows×r, shared by ds and dx/dV
   at::Tensor dU = at::mm(g.t(), t * s);
   at::Tensor ds = colsum(t * gu, s.scalar_type());
@@ -222,6 +231,7 @@ TORCH_LIBRARY_IMPL(svdkern, CPU, m) {
   m.impl("compose_grouped", &svdkern::compose_grouped_cpu);
   m.impl("compose_grouped_backward", &svdkern::compose_grouped_backward_cpu);
   m.impl("lowrank_linear", &svdkern::lowrank_linear_cpu);
+  m.impl("lowrank_linear_forward", &svdkern::lowrank_linear_forward_cpu);
   m.impl("lowrank_linear_backward", &svdkern::lowrank_linear_backward_cpu);
   m.impl("orth_loss", &svdkern::orth_loss_cpu);
   m.impl("orth_loss_forward", &svdkern::orth_loss_forward_cpu);

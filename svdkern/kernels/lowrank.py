@@ -374,18 +374,32 @@ def lowrank_linear_fwd(
     return y.view(*x.shape[:-1], m)
 
 
+def lowrank_linear_forward(
+    x: torch.Tensor,
+    U: torch.Tensor,
+    s: torch.Tensor,
+    V: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, empty): the forward used under autograd. The backward recomputes x·V on chip,
+    which costs less than writing it out and reading it back."""
+    return lowrank_linear_fwd(x, U, s, V, bias), x.new_empty((0,))
+
+
 def lowrank_linear_bwd(
     grad_y: torch.Tensor,
     x: torch.Tensor,
     U: torch.Tensor,
     s: torch.Tensor,
     V: torch.Tensor,
+    xv: torch.Tensor,
     bias_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dU, ds, dV, dbias) of y = ((x·V)·diag(s))·Uᵀ + b for upstream grad_y (..., m).
 
     dU = gᵀ·(t·diag(s)), ds = colsum(t ⊙ g·U), dV = xᵀ·(g·U·diag(s)),
     dx = (g·U·diag(s))·Vᵀ with t = x·V; dbias = colsum(g), or shape (0,) if not bias_grad.
+    t is always recomputed on chip; `xv` (the op schema's saved x·V) is not read.
     """
     check_lowrank_input("lowrank_linear_backward", x, U, s, V, None)
     check_device_dtype("lowrank_linear_backward", U)
