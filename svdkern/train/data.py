@@ -15,7 +15,9 @@ other global (a pickle that would call `os.system` raises instead of running).
 
 from __future__ import annotations
 
+import codecs
 import io
+import math
 import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -169,39 +171,136 @@ def _read_bin(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return records[:, 1:].reshape(-1, 3, 32, 32), labels
 
 
-_NUMPY_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"),
-    ("numpy._core.numeric", "_frombuffer"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
+# Plain numeric dtypes: all a CIFAR-10 batch (or any batch of numbers) needs. Object and
+# structured dtypes are refused: their pickled state can forge pointers or field offsets.
+_SAFE_DTYPES = frozenset(["b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8"])
+
+
+def _refuse(what: str) -> pickle.UnpicklingError:
+    return pickle.UnpicklingError(
+        f"refusing {what}: a CIFAR-10 batch holds only arrays of plain numbers, lists, dicts, "
+        "strings and numbers"
+    )
+
+
+class _Dtype:
+    """Stands in for numpy.dtype(name, align, copy) while unpickling; only plain numeric
+    dtypes, whose pickled state may set nothing but the byte order."""
+
+    def __init__(self, name, align=False, copy=True) -> None:
+        if isinstance(name, bytes):
+            name = name.decode("latin1")
+        if not isinstance(name, str) or name not in _SAFE_DTYPES:
+            raise _refuse(f"dtype {name!r}")
+        self.dtype = np.dtype(name)
+
+    def __setstate__(self, state) -> None:
+        # numpy's state: (version, byteorder, subarray, names, fields, elsize, alignment, flags)
+        if not isinstance(state, tuple) or len(state) < 5 or any(v is not None for v in state[2:5]):
+            raise _refuse("a dtype with fields or subarrays")
+        order = state[1].decode("latin1") if isinstance(state[1], bytes) else state[1]
+        if order not in ("<", ">", "|", "="):
+            raise _refuse(f"dtype byte order {order!r}")
+        if order in "<>":
+            self.dtype = self.dtype.newbyteorder(order)
+
+
+def _array(raw, dtype, shape, fortran: bool = False) -> np.ndarray:
+    """A new array of `shape` copied from the bytes `raw`, which must fill it exactly."""
+    if not isinstance(dtype, _Dtype):
+        raise _refuse("an array without a plain numeric dtype")
+    if isinstance(raw, str):  # Python 2 pickles read with encoding="bytes" give bytes; be safe
+        raw = raw.encode("latin1")
+    if not isinstance(raw, (bytes, bytearray, pickle.PickleBuffer)):
+        raise _refuse(f"array data of type {type(raw).__name__}")
+    shape = tuple(shape) if isinstance(shape, (tuple, list)) else (shape,)
+    if not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise _refuse(f"array shape {shape!r}")
+    raw = bytes(raw)
+    if len(raw) != math.prod(shape) * dtype.dtype.itemsize:
+        raise _refuse(f"array data of {len(raw)} bytes for shape {shape} of {dtype.dtype}")
+    flat = np.frombuffer(raw, dtype=dtype.dtype).copy()
+    return flat.reshape(shape, order="F" if fortran else "C")
+
+
+class _ArrayState:
+    """Stands in for numpy.core.multiarray._reconstruct(...): the array is built from the
+    pickled state (shape, dtype, raw bytes) alone and swapped in after loading."""
+
+    def __init__(self, subtype=None, shape=None, typecode=None) -> None:
+        self.array: np.ndarray | None = None
+
+    def __setstate__(self, state) -> None:
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise _refuse("an ndarray state")
+        shape, dtype, fortran, raw = state[-4:]
+        self.array = _array(raw, dtype, shape, bool(fortran))
+
+
+def _frombuffer(buf, dtype, shape, order) -> np.ndarray:
+    return _array(buf, dtype, shape, order == "F")
+
+
+def _scalar(dtype, raw=None):
+    return _array(raw, dtype, ())[()]
+
+
+_NDARRAY = object()  # numpy.ndarray only ever appears as _reconstruct's (ignored) subtype
+
+_GLOBALS = {
+    **dict.fromkeys(
+        [("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")],
+        _ArrayState,
+    ),
+    **dict.fromkeys(
+        [("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")], _scalar
+    ),
+    **dict.fromkeys(
+        [("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")],
+        _frombuffer,
+    ),
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _Dtype,
     # Protocol-2 pickles written by Python 3 encode bytes as _codecs.encode(str, "latin1").
-    ("_codecs", "encode"),
+    ("_codecs", "encode"): codecs.encode,
 }
 
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles only numpy arrays, lists, dicts, strings and numbers.
+    """Unpickles only arrays of plain numbers, lists, dicts, strings and numbers.
 
-    Any global outside the handful numpy needs to rebuild an array is refused, so
-    a crafted pickle cannot run code (e.g. `os.system`) while being read.
+    Every global a pickle may name is replaced by a stand-in of this module: arrays are
+    rebuilt from their shape, plain numeric dtype and raw bytes (whose length must match),
+    so a crafted pickle can neither run code (e.g. `os.system`) nor forge object pointers
+    or field offsets that read outside its own data.
     """
 
     def find_class(self, module: str, name: str):
-        if (module, name) in _NUMPY_GLOBALS:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(
-            f"refusing to load global {module}.{name}: a CIFAR-10 batch holds only arrays, "
-            "lists, dicts, strings and numbers"
-        )
+        if (module, name) in _GLOBALS:
+            return _GLOBALS[(module, name)]
+        raise _refuse(f"global {module}.{name}")
+
+
+def _resolve(obj):
+    """`obj` with every _ArrayState replaced by its array; anything else stand-in is refused."""
+    if isinstance(obj, _ArrayState):
+        if obj.array is None:
+            raise _refuse("an ndarray without state")
+        return obj.array
+    if isinstance(obj, dict):
+        return {_resolve(k): _resolve(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_resolve(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_resolve(v) for v in obj)
+    if isinstance(obj, (str, bytes, int, float, bool, np.ndarray, np.generic)) or obj is None:
+        return obj
+    raise _refuse(f"an object of type {type(obj).__name__}")
 
 
 def load_array_pickle(data: bytes) -> object:
     """Unpickle `data` with the restricted `_ArrayUnpickler` (bytes keys kept as bytes)."""
-    return _ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()
+    return _resolve(_ArrayUnpickler(io.BytesIO(data), encoding="bytes").load())
 
 
 def _read_py(path: Path) -> tuple[np.ndarray, np.ndarray]:
