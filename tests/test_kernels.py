@@ -494,3 +494,26 @@ def test_cuda_graph_capture_compose_and_grouped():
     flat_eager = [eager[0], *eager[1], *eager[2], *[t for group in eager[3] for t in group]]
     for a, e in zip(flat_static, flat_eager):
         torch.testing.assert_close(a, e)
+
+
+@pytest.mark.interp
+def test_autotune_prune_falls_back_to_the_smallest_tile():
+    import triton
+
+    from svdkern.kernels._common import prune
+
+    cfgs = [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}, num_stages=3),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_stages=4),
+    ]
+    seen = []
+
+    def keep(cfg, args):
+        seen.append(cfg["num_stages"])
+        return cfg["BLOCK_M"] <= args["M"]
+
+    early = prune(keep)["early_config_prune"]
+    assert early(cfgs, {"M": 8}) == [cfgs[1]]  # none fits: the smallest, not the first
+    assert early(cfgs, {"M": 64}) == [cfgs[1], cfgs[2]]
+    assert seen[:3] == [3, 3, 4]  # keep() sees each config's num_stages

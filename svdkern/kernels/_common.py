@@ -80,13 +80,23 @@ def configs(space: Sequence[dict], default: dict) -> list[triton.Config]:
     return [make(kw) for kw in space] if AUTOTUNE else [make(default)]
 
 
+def _block_volume(cfg: triton.Config) -> int:
+    volume = 1
+    for key, value in cfg.kwargs.items():
+        if key.startswith("BLOCK_"):
+            volume *= value
+    return volume
+
+
 def prune(keep: Callable[[dict, dict], bool]) -> dict:
-    """prune_configs_by for triton.autotune: keep configs where keep(config_kwargs, args)."""
+    """prune_configs_by for triton.autotune: keep configs where keep(cfg, args), with cfg the
+    config's kwargs plus num_stages. If none is kept, the smallest tile (it fits any shared
+    memory; a single config is launched without benchmarking, so it must not fail)."""
 
     def early_config_prune(cfgs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        kept = [c for c in cfgs if keep(c.kwargs, args)]
-        return kept or cfgs[:1]
+        kept = [c for c in cfgs if keep({**c.kwargs, "num_stages": c.num_stages}, args)]
+        return kept or [min(cfgs, key=_block_volume)]
 
     return {"early_config_prune": early_config_prune}
 

@@ -91,7 +91,7 @@ def _keep(cfg: dict, args: dict) -> bool:
         and cfg["BLOCK_K"] <= max(32, triton.next_power_of_2(K))
     )
     elem = args["A"].element_size()
-    smem = 3 * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * elem
+    smem = cfg["num_stages"] * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * elem
     return fit and smem <= 160 * 1024
 
 
@@ -106,6 +106,7 @@ def _matmul_configs() -> list[triton.Config]:
         dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
         dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=2, num_stages=4),
         dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, num_warps=2, num_stages=4),
+        dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, num_warps=2, num_stages=3),
     ]
     default = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
     return configs(space, default)
