@@ -16,6 +16,7 @@ import torch
 import svdkern
 from svdkern.__main__ import main
 from svdkern.train import checkpoint
+from svdkern.train.cli import _parse, build_train_parser
 from svdkern.train.models import CLASSIFIER, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,6 +156,14 @@ def test_config_file_sets_flags_and_command_line_wins(tmp_path):
     assert config["lr"] == 0.002 and config["method"] == "dense"
 
 
+def test_command_line_flag_overrides_an_exclusive_config_key(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('data = "synthetic"\nenergy = 0.01\n')
+    parser = build_train_parser()
+    args = _parse(parser, ["--config", str(cfg), "--target-flops", "0.5"])
+    assert args.target_flops == 0.5 and args.energy is None and args.data == "synthetic"
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -175,6 +184,13 @@ def test_config_file_sets_flags_and_command_line_wins(tmp_path):
         (["--batch-size", "0"], "argument --batch-size: must be >= 1"),
         (["--device", "tpu:x"], "argument --device"),
         (["--config", "{tmp}/bad.toml"], "argument --config: unknown key 'modle'"),
+        (["--seed", "-1"], "argument --seed: must be >= 0"),
+        (["--seed", str(2**32)], r"argument --seed: must be < 2\*\*32"),
+        (["--milestones", "0.5,0.5"], "argument --milestones: expected increasing"),
+        (
+            ["--data", "synthetic", "--target-flops", "0.001"],
+            "argument --target-flops: target_flops=0.001 cannot be reached",
+        ),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )

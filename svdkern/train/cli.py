@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import svdkern
 from svdkern.train import checkpoint, config, report
 from svdkern.train.data import DataError, load_dataset
 from svdkern.train.loop import CHECKPOINT, METRICS, Pipeline, TrainingError, init_env
@@ -56,7 +57,7 @@ def build_train_parser(prog: str = "svdkern train") -> argparse.ArgumentParser:
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.config:
-        args = parser.parse_args(config.config_file_argv(args.config, parser) + argv)
+        args = parser.parse_args(config.config_file_argv(args.config, parser, argv) + argv)
     return args
 
 
@@ -103,6 +104,23 @@ def _resume_config(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     return cfg, state
 
 
+def _check_target_flops(parser: argparse.ArgumentParser, pipe: Pipeline) -> None:
+    """Fail before training when --target-flops is below what rank 1 everywhere reaches:
+    that floor depends on the architecture only, so a fresh decomposed model tells."""
+    cfg = pipe.cfg
+    if cfg["target_flops"] is None or cfg["method"] == "dense":
+        return
+    try:
+        svdkern.prune(
+            pipe.skeleton(svd=True),
+            target_flops=cfg["target_flops"],
+            input_shape=pipe.input_shape,
+            multiple_of=cfg["multiple_of"],
+        )
+    except ValueError as exc:
+        parser.error(f"argument --target-flops: {exc}")
+
+
 def _seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -145,6 +163,8 @@ def train_main(argv: list[str] | None = None) -> int:
             cfg["out"] = name[0]
         _seed(cfg["seed"])
         pipe = Pipeline(cfg, env, ds, resume=state)
+        if state is None:
+            _check_target_flops(parser, pipe)
         if env.main and state is None:
             Path(cfg["out"]).mkdir(parents=True, exist_ok=True)
             saved = {k: v for k, v in cfg.items() if k != "stop_after_epochs"}

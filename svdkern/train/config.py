@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import math
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,13 @@ def _nonneg_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    value = _nonneg_int(text)
+    if value >= 2**32:
+        raise argparse.ArgumentTypeError(f"must be < 2**32 (a numpy seed), got {value}")
+    return value
+
+
 def _pos_int(text: str) -> int:
     value = _nonneg_int(text)
     if value == 0:
@@ -111,7 +119,8 @@ def _milestones(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated fractions like 0.5,0.75, got {text!r}"
         ) from None
-    if not values or any(not 0.0 < v < 1.0 for v in values) or values != sorted(values):
+    increasing = all(a < b for a, b in itertools.pairwise(values))
+    if not values or any(not 0.0 < v < 1.0 for v in values) or not increasing:
         raise argparse.ArgumentTypeError(
             f"expected increasing fractions of the phase's epochs in (0, 1), got {text!r}"
         )
@@ -133,7 +142,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="continue a stopped run from RUN_DIR/checkpoint.pt with its saved configuration "
         "(other flags except --quiet are ignored)",
     )
-    g.add_argument("--seed", type=int, default=0, help="seed of init, data order (default 0)")
+    g.add_argument(
+        "--seed", type=_seed, default=0, help="seed of init, data order, in [0, 2³²) (default 0)"
+    )
     g.add_argument(
         "--device",
         default="auto",
@@ -298,8 +309,23 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def config_file_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
-    """The flags equivalent to a TOML config file (keys are flag names, `-` or `_`)."""
+def _given(action: argparse.Action, argv: list[str]) -> bool:
+    return any(a == opt or a.startswith(opt + "=") for a in argv for opt in action.option_strings)
+
+
+def config_file_argv(
+    path: str, parser: argparse.ArgumentParser, cli_argv: list[str] = ()
+) -> list[str]:
+    """The flags equivalent to a TOML config file (keys are flag names, `-` or `_`).
+
+    A key whose flag, or a flag exclusive with it (e.g. energy and target-flops), is given
+    in `cli_argv` is left out: the command line wins.
+    """
+    rivals = {
+        id(action): group._group_actions
+        for group in parser._mutually_exclusive_groups
+        for action in group._group_actions
+    }
     try:
         with open(path, "rb") as f:
             table = tomllib.load(f)
@@ -320,6 +346,8 @@ def config_file_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
             known = ", ".join(sorted(k for k in flags if k not in ("config", "help", "resume")))
             parser.error(f"argument --config: unknown key {key!r} in {path} (known keys: {known})")
         action, opt = flags[name]
+        if any(_given(a, list(cli_argv)) for a in rivals.get(id(action), [action])):
+            continue
         if isinstance(value, bool):
             if action.nargs != 0:
                 parser.error(f"argument --config: key {key!r} in {path} expects a value, got bool")

@@ -253,7 +253,12 @@ class Pipeline:
             pos = (self.phases.index(row["phase"]), row["epoch"])
             if pos <= (phase_index, epoch):
                 keep.append(line)
-        path.write_text("".join(line + "\n" for line in keep))
+        tmp = path.with_suffix(".jsonl.tmp")
+        with open(tmp, "w") as f:
+            f.write("".join(line + "\n" for line in keep))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
     # -- models -----------------------------------------------------------------------
 
@@ -392,6 +397,9 @@ class Pipeline:
                 "test_accuracy": test_acc,
                 "seconds": time.perf_counter() - t0,
             }
+            # The row first: a crash before the checkpoint leaves an extra row, which resume
+            # trims; the other order would lose the row of a checkpointed epoch.
+            self._metrics(row)
             self._save(
                 {
                     "format": 1,
@@ -408,7 +416,6 @@ class Pipeline:
                 },
                 CHECKPOINT,
             )
-            self._metrics(row)
             if self.show_bars:
                 self.log(
                     f"{phase.name:>12} {epoch + 1:3d}/{epochs}  loss {row['loss']:.4f}  "
