@@ -2,8 +2,7 @@
 
     python bench/make_report.py
 
-For each CSV, the rows of its latest run per device (same git sha and device, newest
-date) are shown as a table; training-step results also as a bar chart of the ratio to
+For each CSV, the rows of its latest run per device are shown as a table; training-step results also as a bar chart of the ratio to
 dense per provider.
 """
 
@@ -22,16 +21,14 @@ META = ("device", "torch", "triton", "git_sha", "date")
 
 
 def latest_runs(rows: list[dict]) -> dict[str, list[dict]]:
-    """Rows of the newest run (git sha + date prefix to the minute) for each device."""
+    """Rows of the newest run for each device (one run's rows share one date stamp)."""
     by_device: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         by_device[row["device"]].append(row)
     out = {}
     for device, device_rows in by_device.items():
         newest = max(r["date"] for r in device_rows)
-        sha = next(r["git_sha"] for r in device_rows if r["date"] == newest)
-        run_day = newest[:10]
-        out[device] = [r for r in device_rows if r["git_sha"] == sha and r["date"][:10] == run_day]
+        out[device] = [r for r in device_rows if r["date"] == newest]
     return out
 
 
