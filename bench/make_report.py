@@ -2,8 +2,8 @@
 
     python bench/make_report.py
 
-For each CSV, the rows of its latest run per device are shown as a table; training-step results also as a bar chart of the ratio to
-dense per provider.
+For each CSV, the rows of its latest run per device are shown as a table; training-step
+results also as a bar chart of the ratio to dense per provider.
 """
 
 from __future__ import annotations

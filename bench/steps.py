@@ -4,7 +4,8 @@ A scenario is a model, a batch and a dtype; a provider is how one optimizer step
 (forward, backward, regularizers, update) is taken on it:
 
     dense               the model as it is
-    svdkern             decompose → SVD layers (auto path) + SVDRegularizer (grouped ops)
+    svdkern             decompose → SVD layers (auto path), one grouped compose for the
+                        model (svdkern.grouped_compose) + SVDRegularizer (grouped ops)
     reference           the same SVD model in plain PyTorch: every layer composes
                         W = U·diag(s)·Vᵀ, losses per layer (svdkern.ops.reference_mode)
     compiled-reference  the reference step's forward + losses under torch.compile
@@ -135,8 +136,12 @@ def make_step(
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     autocast = sc.dtype in (torch.bfloat16, torch.float16)
 
+    grouped = (
+        svdkern.grouped_compose if provider == "svdkern" else lambda model: contextlib.nullcontext()
+    )
+
     def loss_fn() -> torch.Tensor:
-        with torch.autocast(device.type, dtype=sc.dtype, enabled=autocast):
+        with torch.autocast(device.type, dtype=sc.dtype, enabled=autocast), grouped(model):
             loss = F.cross_entropy(model(x), y)
         return loss if reg is None else loss + reg(model)["total"]
 

@@ -9,7 +9,7 @@ layers in grouped calls.
 from svdkern import ops
 from svdkern.convert import compress, decompose, load_state_dict
 from svdkern.flops import FlopsReport, flops
-from svdkern.nn import SVDConv2d, SVDLinear
+from svdkern.nn import SVDConv2d, SVDLinear, grouped_compose
 from svdkern.ops import backend
 from svdkern.prune import PruneReport, prune
 from svdkern.regularize import SVDRegularizer
@@ -27,6 +27,7 @@ __all__ = [
     "compress",
     "decompose",
     "flops",
+    "grouped_compose",
     "load_state_dict",
     "ops",
     "prune",

@@ -28,7 +28,7 @@ from torch import nn
 
 from svdkern import ops
 
-__all__ = ["SVDConv2d", "SVDLinear"]
+__all__ = ["SVDConv2d", "SVDLinear", "grouped_compose"]
 
 MODES = ("auto", "compose", "chain")
 DECOMPOSITIONS = ("channel", "spatial")
@@ -72,6 +72,11 @@ class _SVDBase(nn.Module):
 
     _m: int
     _n: int
+    # The path the last forward took; `grouped_compose` composes the layers that did not
+    # take the chain.
+    _last_chain: bool = False
+    # Inside a `grouped_compose` block: this layer's W from the model's one grouped call.
+    _grouped_matrix: torch.Tensor | None = None
 
     def _make_parameters(self, rank: int | None, bias_size: int | None, factory) -> None:
         full = min(self._m, self._n)
@@ -123,14 +128,22 @@ class _SVDBase(nn.Module):
 
     def _use_chain(self, input_shape: Sequence[int]) -> bool:
         if self._mode != "auto":
-            return self._mode == "chain"
-        dense, chain = self._macs(input_shape)
-        return chain <= self._m * self._n * self.rank + dense
+            chain = self._mode == "chain"
+        else:
+            dense, chain_macs = self._macs(input_shape)
+            chain = chain_macs <= self._m * self._n * self.rank + dense
+        self._last_chain = chain
+        return chain
+
+    def _matrix(self) -> torch.Tensor:
+        """W = U·diag(s)·Vᵀ as a matrix: from `grouped_compose` inside its block, else composed."""
+        W = self._grouped_matrix
+        return ops.compose(self.U, self.s, self.V) if W is None else W
 
     @property
     def weight(self) -> torch.Tensor:
         """The dense weight U·diag(s)·Vᵀ in the dense layer's shape (differentiable)."""
-        return self._weight_from_matrix(ops.compose(self.U, self.s, self.V))
+        return self._weight_from_matrix(self._matrix())
 
     @torch.no_grad()
     def _init_from_weight(self, weight: torch.Tensor) -> None:
@@ -314,7 +327,7 @@ class SVDLinear(_SVDBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._use_chain(x.shape):
             return ops.lowrank_linear(x, self.U, self.s, self.V, self.bias)
-        return F.linear(x, ops.compose(self.U, self.s, self.V), self.bias)
+        return F.linear(x, self._matrix(), self.bias)
 
     @torch.no_grad()
     def to_dense(self) -> nn.Linear:
@@ -613,3 +626,37 @@ class SVDConv2d(_SVDBase):
 def _svd_layers(model: nn.Module) -> list[tuple[str, _SVDBase]]:
     """(qualified name, module) of every SVD layer in `model`, in named_modules order."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, _SVDBase)]
+
+
+@contextlib.contextmanager
+def grouped_compose(model: nn.Module) -> Iterator[None]:
+    """Compose the weights of all of `model`'s SVD layers in one grouped call for the
+    forward passes inside the block: one `ops.compose_grouped` (one launch forward and one
+    backward on CUDA) instead of one `ops.compose` per layer.
+
+    Layers whose last forward took the low-rank chain are left out (they need no W). The
+    weights are those of the parameters at entry: use one block per training step.
+
+    Example::
+
+        with svdkern.grouped_compose(model):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+    """
+    groups: dict[tuple, list[_SVDBase]] = {}
+    for _, layer in _svd_layers(model):
+        if not layer._last_chain:
+            groups.setdefault((layer.U.device, layer.U.dtype), []).append(layer)
+    composed = []
+    for layers in groups.values():
+        Ws = ops.compose_grouped(
+            [m.U for m in layers], [m.s for m in layers], [m.V for m in layers]
+        )
+        for layer, W in zip(layers, Ws, strict=True):
+            layer._grouped_matrix = W
+            composed.append(layer)
+    try:
+        yield
+    finally:
+        for layer in composed:
+            layer._grouped_matrix = None
