@@ -463,7 +463,8 @@ class Pipeline:
             self.ds, cfg["batch_size"], cfg["seed"], index, epoch, env.device, env.rank, env.world
         )
         for i, (x, y) in enumerate(batches):
-            out = net(x)
+            with svdkern.grouped_compose(model):  # one compose for every SVD layer
+                out = net(x)
             terms = {"task": F.cross_entropy(out, y)}
             loss = terms["task"]
             if reg is not None:
