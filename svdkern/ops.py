@@ -189,25 +189,23 @@ def _keeps_xv(device: torch.device) -> bool:
     return device.type == "cpu" and _BACKEND_ENV != "triton"
 
 
-_LIB: torch.library.Library | None = None
-
-
-def _register_triton(dispatch_key: str) -> None:
-    global _LIB
-    _LIB = torch.library.Library("svdkern", "IMPL")
+def _register_triton(dispatch_keys: Sequence[str]) -> torch.library.Library:
+    """The Triton launchers as the ops' kernels for `dispatch_keys`. The returned Library
+    holds the registrations: they last as long as it is referenced."""
+    lib = torch.library.Library("svdkern", "IMPL")
     with warnings.catch_warnings():
         # Overriding the C++ CPU kernel (interpreter mode) warns once per op; that is the intent.
         warnings.simplefilter("ignore", UserWarning)
-        for name in OP_NAMES:
-            _LIB.impl(name, _triton_impl(name), dispatch_key)
+        for key in dispatch_keys:
+            for name in OP_NAMES:
+                lib.impl(name, _triton_impl(name), key)
+    return lib
 
 
 if _HAS_C:
     _register_fakes()
     if _HAS_TRITON:
-        _register_triton("CUDA")
-        if _BACKEND_ENV == "triton":
-            _register_triton("CPU")
+        _LIB = _register_triton(["CUDA", "CPU"] if _BACKEND_ENV == "triton" else ["CUDA"])
 elif _BACKEND_ENV == "triton":
     raise RuntimeError("SVDKERN_BACKEND=triton needs svdkern._C, which could not be loaded")
 

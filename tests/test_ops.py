@@ -543,6 +543,8 @@ def test_bad_input_raises_naming_the_argument(call, error, match):
 def test_backend_reports_the_serving_implementation():
     expected_cpu = "triton" if os.environ.get("SVDKERN_BACKEND") == "triton" else "cpp"
     assert svdkern.backend()["cpu"] == expected_cpu
+    for name in ops.OP_NAMES:  # the CUDA kernels stay registered whatever serves the CPU
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"svdkern::{name}", "CUDA"), name
 
 
 @pytest.mark.skipif(TRITON_CPU, reason="checks the C++ build itself")
