@@ -23,18 +23,13 @@ at::Tensor colsum(const at::Tensor& t, at::ScalarType out) {
   return t.sum(0, /*keepdim=*/false, loss_dtype(t.scalar_type())).to(out);
 }
 
-at::Tensor compose_cpu(const at::Tensor& U, const at::Tensor& s, const at::Tensor& V) {
-  check_factors("compose", U, s, V);
-  const NoAutocast no_autocast;
+// compose and its backward on checked inputs; the single and grouped kernels share them.
+at::Tensor compose_unchecked(const at::Tensor& U, const at::Tensor& s, const at::Tensor& V) {
   return at::mm(U * s, V.t());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> compose_backward_cpu(const at::Tensor& grad_W,
-                                                                    const at::Tensor& U,
-                                                                    const at::Tensor& s,
-                                                                    const at::Tensor& V) {
-  check_factors("compose_backward", U, s, V);
-  const NoAutocast no_autocast;
+std::tuple<at::Tensor, at::Tensor, at::Tensor> compose_backward_unchecked(
+    const at::Tensor& grad_W, const at::Tensor& U, const at::Tensor& s, const at::Tensor& V) {
   TORCH_CHECK_VALUE(grad_W.dim() == 2 && grad_W.size(0) == U.size(0) && grad_W.size(1) == V.size(0),
                     "compose_backward: grad_W must have shape (", U.size(0), ", ", V.size(0),
                     "), got ", grad_W.sizes());
@@ -45,13 +40,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> compose_backward_cpu(const at::Te
   return {dU, ds, dV};
 }
 
+at::Tensor compose_cpu(const at::Tensor& U, const at::Tensor& s, const at::Tensor& V) {
+  check_factors("compose", U, s, V);
+  const NoAutocast no_autocast;
+  return compose_unchecked(U, s, V);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> compose_backward_cpu(const at::Tensor& grad_W,
+                                                                    const at::Tensor& U,
+                                                                    const at::Tensor& s,
+                                                                    const at::Tensor& V) {
+  check_factors("compose_backward", U, s, V);
+  const NoAutocast no_autocast;
+  return compose_backward_unchecked(grad_W, U, s, V);
+}
+
 std::vector<at::Tensor> compose_grouped_cpu(at::TensorList Us, at::TensorList ss,
                                             at::TensorList Vs) {
   check_grouped("compose_grouped", Us, ss, Vs);
   const NoAutocast no_autocast;
   std::vector<at::Tensor> Ws;
   Ws.reserve(Us.size());
-  for (size_t i = 0; i < Us.size(); ++i) Ws.push_back(at::mm(Us[i] * ss[i], Vs[i].t()));
+  for (size_t i = 0; i < Us.size(); ++i) Ws.push_back(compose_unchecked(Us[i], ss[i], Vs[i]));
   return Ws;
 }
 
@@ -64,7 +74,7 @@ compose_grouped_backward_cpu(at::TensorList grad_Ws, at::TensorList Us, at::Tens
                     Us.size(), " tensors (one per layer), got ", grad_Ws.size());
   std::vector<at::Tensor> dUs, dss, dVs;
   for (size_t i = 0; i < Us.size(); ++i) {
-    auto [dU, ds, dV] = compose_backward_cpu(grad_Ws[i], Us[i], ss[i], Vs[i]);
+    auto [dU, ds, dV] = compose_backward_unchecked(grad_Ws[i], Us[i], ss[i], Vs[i]);
     dUs.push_back(dU);
     dss.push_back(ds);
     dVs.push_back(dV);
