@@ -7,6 +7,10 @@ colsum(U ⊙ G) in its epilogue, a second GEMM gives dV = dWᵀ·U·diag(s)).
 Grouped: every layer in one persistent launch over a device-side problem
 table (Triton tutorial 08), the factors packed into one buffer and addressed
 by int64 offsets. Backward: 2·layers problems (dU and dV of each) in one launch.
+Autotune key: the number of problems, the largest m, n (or P), r bucketed to
+powers of two, precision. Configs: tensor-core or FMA (fp32 "ieee") tiles within
+shared memory, with 16- and 32-column tiles for small ranks (and narrow layers);
+the backward (ds epilogue) at most 64 accumulators per thread.
 """
 
 from __future__ import annotations
@@ -19,43 +23,78 @@ import triton.language as tl
 
 from svdkern._checks import check_factors, check_grouped
 from svdkern.kernels._common import (
+    SMEM_BUDGET,
     acc_dtype,
+    autotune,
+    bucket,
     check_device_dtype,
-    configs,
     device_guard,
+    fma,
     input_precision,
+    member,
     num_sms,
     offsets,
     pack,
     problem_table,
-    prune,
-    unpack,
+    union,
 )
-from svdkern.kernels._gemm import MIN_BLOCK_M, _tile_dot, matmul
+from svdkern.kernels._gemm import MIN_BLOCK_M, _tile_dot, acc_per_thread, gemm_smem, matmul
+
+# Persistent tiles hold more live values than a plain GEMM's (the problem table, int64
+# offsets): 128-row and 128-column tiles need 8 warps, and 4-warp 64 × 128 tiles spill.
+# Every config is spill-free on sm_90 (triton 3.6) in both directions.
+GROUPED_MMA = [
+    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+]
+GROUPED_FMA = [
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=3),
+    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+]
+# Narrow tiles: the backward's outputs are P × r (small ranks), the forward's m × n.
+NARROW_MMA = [
+    dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=3),
+    dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=32, num_warps=2, num_stages=3),
+]
+NARROW_FMA = [
+    dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=3),
+]
+# SVDKERN_AUTOTUNE=0: the first one the launch keeps (each is in both classes).
+GROUPED_DEFAULTS = [
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=3),
+]
 
 
-def _grouped_configs() -> list[triton.Config]:
-    space = [
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=4),
-        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=4),
-        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
-        dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=2, num_stages=4),
-    ]
-    default = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
-    return configs(space, default)
+def _keep_grouped(backward: bool):
+    """Tiles not far larger than the largest problem (MAX_* are buckets), of the launch's
+    class, within shared memory; the backward's ds epilogue holds a second tile, so at most
+    64 accumulators per thread there."""
+
+    def keep(cfg: dict, args: dict) -> bool:
+        fit = cfg["BLOCK_M"] <= max(64, args["MAX_M"]) and cfg["BLOCK_N"] <= max(16, args["MAX_N"])
+        space = GROUPED_FMA + NARROW_FMA if fma(args) else GROUPED_MMA + NARROW_MMA
+        regs = not backward or acc_per_thread(cfg) <= 64
+        smem = gemm_smem(cfg, args["F"].element_size()) <= SMEM_BUDGET
+        return fit and regs and smem and member(cfg, space)
+
+    return keep
 
 
-def _keep_grouped(cfg: dict, args: dict) -> bool:
-    return cfg["BLOCK_M"] <= max(32, triton.next_power_of_2(args["MAX_M"])) and cfg[
-        "BLOCK_N"
-    ] <= max(32, triton.next_power_of_2(args["MAX_N"]))
-
-
-@triton.autotune(
-    configs=_grouped_configs(),
-    key=["NUM_PROBLEMS", "MAX_M", "MAX_N", "MAX_K"],
-    prune_configs_by=prune(_keep_grouped),
+@autotune(
+    union(GROUPED_MMA, GROUPED_FMA, NARROW_MMA, NARROW_FMA),
+    GROUPED_DEFAULTS,
+    key=["NUM_PROBLEMS", "MAX_M", "MAX_N", "MAX_K", "PRECISION"],
+    keep=_keep_grouped(backward=False),
 )
 @triton.jit
 def _compose_grouped_fwd_kernel(
@@ -78,7 +117,7 @@ def _compose_grouped_fwd_kernel(
     TABLE (NUM_PROBLEMS × 7, int64): m, n, r, off_U, off_V, off_s, off_W.
     U_g (m×r) and V_g (n×r) are row-major in the packed buffer F, s_g in S,
     W_g (m×n) row-major in W. Program p takes tiles p, p + programs, …, in
-    problem order; MAX_* only key the autotuner.
+    problem order; MAX_* (largest m, n, r, as buckets) only key the autotuner.
     """
     tile = tl.program_id(0).to(tl.int64)
     step = tl.num_programs(0)
@@ -106,10 +145,11 @@ def _compose_grouped_fwd_kernel(
             tile += step
 
 
-@triton.autotune(
-    configs=_grouped_configs(),
-    key=["NUM_PROBLEMS", "MAX_M", "MAX_N", "MAX_K"],
-    prune_configs_by=prune(_keep_grouped),
+@autotune(
+    union(GROUPED_MMA, GROUPED_FMA, NARROW_MMA, NARROW_FMA),
+    GROUPED_DEFAULTS,
+    key=["NUM_PROBLEMS", "MAX_M", "MAX_N", "MAX_K", "PRECISION"],
+    keep=_keep_grouped(backward=True),
     reset_to_zero=["DS_PART"],
 )
 @triton.jit
@@ -135,7 +175,8 @@ def _compose_grouped_bwd_kernel(
 
     TABLE (NUM_PROBLEMS × 10, int64): P, K, r, off_A, stride_ap, stride_ak, off_B,
     off_D (−1: none), off_s, off_out. A_g (P×K) is a strided view of the packed
-    upstream gradients GW (dW_l for dU_l, dW_lᵀ for dV_l); B_g (K×r) and D_g (P×r)
+    upstream gradients GW (dW_l for dU_l, dW_lᵀ for dV_l: stride_ak or stride_ap
+    is 1); B_g (K×r) and D_g (P×r)
     are row-major in the packed factors F; OUT_g (P×r) row-major. DS_PART
     (rows × Σr, ACC): row i, columns off_s.. hold Σ over tile-row i of (A·B) ⊙ D.
     """
@@ -157,11 +198,21 @@ def _compose_grouped_bwd_kernel(
             pid_m = local // num_n
             offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             offs_n = (local % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
-            acc = _tile_dot(
-                GW + tl.load(row + 3), F + tl.load(row + 6), S,
-                tl.load(row + 4), tl.load(row + 5), r, 1, offs_m, offs_n, P, r, K,
-                False, ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
-            )  # fmt: skip
+            a = GW + tl.load(row + 3)
+            b = F + tl.load(row + 6)
+            stride_ap = tl.load(row + 4)
+            stride_ak = tl.load(row + 5)
+            # One of A's strides is 1 (dW_l or dW_lᵀ): a literal 1 lets the loads vectorize.
+            if stride_ak == 1:
+                acc = _tile_dot(
+                    a, b, S, stride_ap, 1, r, 1, offs_m, offs_n, P, r, K,
+                    False, ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+                )  # fmt: skip
+            else:
+                acc = _tile_dot(
+                    a, b, S, 1, stride_ak, r, 1, offs_m, offs_n, P, r, K,
+                    False, ACC, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K,
+                )  # fmt: skip
             mask_n = offs_n < r
             mask = (offs_m[:, None] < P) & mask_n[None, :]
             if off_d >= 0:
@@ -220,8 +271,9 @@ def _grid(shapes: Sequence[tuple[int, int]], device: torch.device):
 
 def compose_grouped_fwd(
     Us: Sequence[torch.Tensor], ss: Sequence[torch.Tensor], Vs: Sequence[torch.Tensor]
-) -> list[torch.Tensor]:
-    """[(U·diag(s))·Vᵀ for each layer] in one launch; W_l are views of one buffer."""
+) -> torch.Tensor:
+    """W = [W_0, W_1, ...] packed (each W_l = (U_l·diag(s_l))·V_lᵀ, m_l×n_l row-major, back to
+    back) in one launch; the op compose_grouped takes the layers' views of it."""
     Us, ss, Vs = list(Us), list(ss), list(Vs)
     check_grouped("compose_grouped", Us, ss, Vs)
     check_device_dtype("compose_grouped", Us[0])
@@ -240,31 +292,32 @@ def compose_grouped_fwd(
         with device_guard(Us[0]):
             _compose_grouped_fwd_kernel[_grid([(m, n) for m, n, _ in dims], device)](
                 pack(Us + Vs), pack(ss), W, table,
-                G, max(d[0] for d in dims), max(d[1] for d in dims), max(d[2] for d in dims),
+                G, *(bucket(max(d[i] for d in dims)) for i in range(3)),
                 ACC=acc_dtype(dtype), PRECISION=input_precision(dtype),
             )  # fmt: skip
-    return unpack(W, [(m, n) for m, n, _ in dims])
+    return W
 
 
 def compose_grouped_bwd(
-    grad_Ws: Sequence[torch.Tensor],
+    grad_W: torch.Tensor,
     Us: Sequence[torch.Tensor],
     ss: Sequence[torch.Tensor],
     Vs: Sequence[torch.Tensor],
-) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """compose_bwd of every layer in one launch (2·layers GEMM problems); views of 3 buffers."""
-    Us, ss, Vs, grad_Ws = list(Us), list(ss), list(Vs), list(grad_Ws)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """compose_bwd of every layer in one launch (2·layers GEMM problems).
+
+    grad_W is packed like compose_grouped_fwd's W. Returns (dF, ds) packed:
+    dF = [dU_0, ..., dU_last, dV_0, ..., dV_last] (row-major), ds = [ds_0, ds_1, ...].
+    """
+    Us, ss, Vs = list(Us), list(ss), list(Vs)
     check_grouped("compose_grouped_backward", Us, ss, Vs)
     check_device_dtype("compose_grouped_backward", Us[0])
-    if len(grad_Ws) != len(Us):
-        raise ValueError(
-            f"compose_grouped_backward: grad_Ws must have {len(Us)} tensors, got {len(grad_Ws)}"
-        )
     dtype, device = Us[0].dtype, Us[0].device
     G = len(Us)
     dims = [(U.shape[0], V.shape[0], U.shape[1]) for U, V in zip(Us, Vs)]
-    for g, (gw, (m, n, _)) in enumerate(zip(grad_Ws, dims)):
-        _check_grad("compose_grouped_backward", f"grad_Ws[{g}]", gw, (m, n), Us[0])
+    _check_grad(
+        "compose_grouped_backward", "grad_W", grad_W, (sum(m * n for m, n, _ in dims),), Us[0]
+    )
     gw_off = offsets([m * n for m, n, _ in dims])
     f_off = offsets([m * r for m, _, r in dims] + [n * r for _, n, r in dims])
     s_off = offsets([r for _, _, r in dims])
@@ -285,11 +338,9 @@ def compose_grouped_bwd(
     ds_part = torch.zeros((part_rows, total_r), dtype=part_dtype, device=device)
     with device_guard(Us[0]):
         _compose_grouped_bwd_kernel[_grid(shapes, device)](
-            pack([gw.to(dtype) for gw in grad_Ws]), pack(Us + Vs), pack(ss), out, ds_part, table,
-            total_r, 2 * G, max(max(d[0], d[1]) for d in dims), max(d[2] for d in dims),
-            max(max(d[0], d[1]) for d in dims),
+            grad_W.to(dtype).contiguous(), pack(Us + Vs), pack(ss), out, ds_part, table,
+            total_r, 2 * G, bucket(max(max(d[0], d[1]) for d in dims)),
+            bucket(max(d[2] for d in dims)), bucket(max(max(d[0], d[1]) for d in dims)),
             ACC=acc_dtype(dtype), PRECISION=input_precision(dtype),
         )  # fmt: skip
-    views = unpack(out, shapes)
-    ds = unpack(ds_part.sum(0).to(dtype), [(r,) for _, _, r in dims])
-    return views[:G], ds, views[G:]
+    return out, ds_part.sum(0).to(dtype)

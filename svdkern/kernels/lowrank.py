@@ -1,15 +1,24 @@
 """lowrank_linear: y = ((x·V)·diag(s))·Uᵀ + bias without forming W, forward and backward.
 
-r ≤ 256 (R_MAX): the chain is fused. Forward: one program per BLOCK_M rows
-keeps t = x·V (BLOCK_M × r) in registers, scales it by s and multiplies by Uᵀ
-tile by tile. Backward: one row-block kernel computes t = x·V and gu = g·U on
-chip, the ds partials colsum(t ⊙ gu), dx = (gu·diag(s))·Vᵀ, and writes
-ts = t·diag(s) and dt = gu·diag(s) (rows × r); a second launch computes
-dU = gᵀ·ts, dV = xᵀ·dt and dbias = colsum(g) (both weight GEMMs in one grid).
-r > 256: plain GEMMs of `_gemm` (the intermediate does not fit on chip).
+Fused chain for r ≤ `r_max(dtype)` (256 for bf16/fp16, 128 for fp32: at 256 fp32
+columns only tiny row blocks fit on chip).
+Forward: one program per BLOCK_M rows keeps t = x·V (BLOCK_M × r) on chip,
+scales it by s and multiplies by Uᵀ tile by tile. Backward: one row-block kernel
+computes t = x·V and gu = g·U on chip, the ds partials colsum(t ⊙ gu),
+dx = (gu·diag(s))·Vᵀ, and writes ts = t·diag(s) and dt = gu·diag(s) (rows × r);
+a second launch computes dU = gᵀ·ts, dV = xᵀ·dt and dbias = colsum(g) (both
+weight GEMMs in one grid). Larger r: plain GEMMs of `_gemm` (two-GEMM path).
+
+Autotune keys: rows, n, m bucketed to powers of two, R_PAD (r to a power of two,
+≥ 16), precision. Configs are pruned by shared memory (every stage and on-chip
+intermediate counted), by accumulators per thread (no spills), and to tensor-core
+or FMA (fp32 "ieee") tiles; the weight kernel has 16- and 32-column tiles for
+small ranks.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -17,43 +26,92 @@ import triton.language as tl
 
 from svdkern._checks import check_lowrank_input
 from svdkern.kernels._common import (
+    SMEM_BUDGET,
     acc_dtype,
+    autotune,
+    bucket,
     check_device_dtype,
-    configs,
     device_guard,
+    fma,
     input_precision,
+    member,
     num_sms,
-    prune,
+    union,
 )
-from svdkern.kernels._gemm import MIN_BLOCK_M, matmul, mma
+from svdkern.kernels._gemm import MIN_BLOCK_M, acc_per_thread, gemm_smem, matmul, mma
 
 R_MAX = 256
+# fp32 (4-byte) chains stop at this rank: see `r_max`.
+R_MAX_FP32 = 128
+
+
+def r_max(dtype: torch.dtype) -> int:
+    """Largest rank the fused chain takes for `dtype`: 256 for 2-byte dtypes, 128 for fp32
+    and fp64. At 256 columns a 4-byte chain fits shared memory only with 16- or 32-row,
+    32-column, 2-stage tiles (the backward's at 254 registers on sm_90), and every row
+    block re-reads all of U and V; the two-GEMM path runs full GEMM tiles for one rows × r
+    round trip through memory. A GPU measurement of both paths at r = 129…256 may move it."""
+    return R_MAX if torch.finfo(dtype).bits == 16 else R_MAX_FP32
 
 
 def _r_pad(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def _chain_configs() -> list[triton.Config]:
-    space = [
-        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
-        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
-        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=4),
-        dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
-        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
-    ]
-    # Safe for every R_PAD ≤ 256 (the single config is not pruned).
-    default = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
-    return configs(space, default)
+# Tensor cores: BLOCK_M × R_PAD fp32 intermediates live in registers, so large R_PAD
+# keeps only the short row blocks (the pruning below). Spill-free in bf16 up to R_PAD 256.
+CHAIN_MMA = [
+    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=4),
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2),
+    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2),
+    dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2),
+    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2),
+]
+# FMA (fp32 "ieee", R_PAD ≤ 128): spill-free; 64-row and 4-warp 32 × 64 tiles spill.
+CHAIN_FMA = [
+    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2),
+    dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2),
+    dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2),
+    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2),
+]
+# SVDKERN_AUTOTUNE=0: the first one the launch's class keeps.
+CHAIN_DEFAULTS = [
+    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2),
+    dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2),
+    dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2),
+    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2),
+]
 
 
-def _keep_chain(budget: int):
-    """Keep configs whose on-chip intermediates (BLOCK_M × R_PAD fp32) fit `budget` elements."""
+def chain_smem(cfg: dict, r_pad: int, elem: int, intermediates: int) -> int:
+    """Shared memory of a chain program: the pipelined x·V operand tiles, the pipelined
+    tiles of the second GEMM's operand (R_PAD × BLOCK_N), the BLOCK_M × R_PAD operand in
+    the activation dtype, and `intermediates` fp32 BLOCK_M × R_PAD tiles converted
+    between layouts, all counted as live at once."""
+    bm, bn, bk, stages = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_stages"]
+    pipelined = stages * (bm * bk + bk * r_pad + r_pad * bn) * elem
+    return pipelined + bm * r_pad * elem + intermediates * bm * r_pad * 4
+
+
+def _keep_chain(intermediates: int):
+    """Keep configs of the launch's class that fit shared memory, hold at most 128 fp32
+    values of the on-chip intermediates per thread, and are not far taller than ROWS."""
 
     def keep(cfg: dict, args: dict) -> bool:
-        rows_ok = cfg["BLOCK_M"] <= max(16, triton.next_power_of_2(args["ROWS"]))
-        return rows_ok and cfg["BLOCK_M"] * args["R_PAD"] <= budget
+        r_pad = args["R_PAD"]
+        rows_ok = cfg["BLOCK_M"] <= max(16, args["ROWS_BUCKET"])
+        space = CHAIN_FMA if fma(args) else CHAIN_MMA
+        regs = intermediates * acc_per_thread({**cfg, "R_PAD": r_pad}, "BLOCK_M", "R_PAD")
+        smem = chain_smem(cfg, r_pad, args["X"].element_size(), intermediates)
+        return rows_ok and regs <= 128 and smem <= SMEM_BUDGET and member(cfg, space)
 
     return keep
 
@@ -70,23 +128,26 @@ def _rows_dot(
     The on-chip half of the chain: t = x·V (forward and backward) and gu = g·U.
     """
     offs_k = tl.arange(0, BLOCK_K)
-    a_ptrs = A + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = B + offs_k[:, None].to(tl.int64) * stride_bk + offs_r[None, :] * stride_br
+    a_ptrs = A + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :].to(tl.int64) * stride_ak
+    b_ptrs = B + offs_k[:, None].to(tl.int64) * stride_bk + offs_r[None, :].to(tl.int64) * stride_br
+    step_a = tl.cast(stride_ak, tl.int64) * BLOCK_K
+    step_b = tl.cast(stride_bk, tl.int64) * BLOCK_K
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k < K - k0
         a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
         acc = mma(a, b, acc, PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+        a_ptrs += step_a
+        b_ptrs += step_b
     return acc
 
 
-@triton.autotune(
-    configs=_chain_configs(),
-    key=["ROWS", "N", "M", "R_PAD"],
-    prune_configs_by=prune(_keep_chain(16384)),
+@autotune(
+    union(CHAIN_MMA, CHAIN_FMA),
+    CHAIN_DEFAULTS,
+    key=["ROWS_BUCKET", "N_BUCKET", "M_BUCKET", "R_PAD", "PRECISION"],
+    keep=_keep_chain(1),
 )
 @triton.jit
 def _lowrank_fwd_kernel(
@@ -106,6 +167,9 @@ def _lowrank_fwd_kernel(
     N,
     M,
     R,
+    ROWS_BUCKET,
+    N_BUCKET,
+    M_BUCKET,
     HAS_BIAS: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -133,10 +197,11 @@ def _lowrank_fwd_kernel(
     ts = (t * sv[None, :]).to(X.dtype.element_ty)
 
     offs_n0 = tl.arange(0, BLOCK_N)
+    u_rows = U + offs_r[:, None].to(tl.int64) * stride_ur
     for j in range(tl.program_id(1), tl.cdiv(M, BLOCK_N), tl.num_programs(1)):
         offs_n = j * BLOCK_N + offs_n0
         mask_n = offs_n < M
-        u_ptrs = U + offs_r[:, None] * stride_ur + offs_n[None, :].to(tl.int64) * stride_um
+        u_ptrs = u_rows + offs_n[None, :].to(tl.int64) * stride_um
         u = tl.load(u_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
         y = mma(ts, u, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), PRECISION)
         if HAS_BIAS:
@@ -145,10 +210,11 @@ def _lowrank_fwd_kernel(
         tl.store(y_ptrs, y.to(Y.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.autotune(
-    configs=_chain_configs(),
-    key=["ROWS", "N", "M", "R_PAD"],
-    prune_configs_by=prune(_keep_chain(8192)),
+@autotune(
+    union(CHAIN_MMA, CHAIN_FMA),
+    CHAIN_DEFAULTS,
+    key=["ROWS_BUCKET", "N_BUCKET", "M_BUCKET", "R_PAD", "PRECISION"],
+    keep=_keep_chain(2),
     reset_to_zero=["DS_PART"],
 )
 @triton.jit
@@ -174,6 +240,9 @@ def _lowrank_bwd_rows_kernel(
     N,
     M,
     R,
+    ROWS_BUCKET,
+    N_BUCKET,
+    M_BUCKET,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
     R_PAD: tl.constexpr,
@@ -209,26 +278,59 @@ def _lowrank_bwd_rows_kernel(
     dt = (gu * sv[None, :]).to(DT.dtype.element_ty)
     tl.store(DT + rows_r, dt, mask=mask_mr)
 
+    v_rows = V + offs_r[:, None].to(tl.int64) * stride_vr
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        vt_ptrs = V + offs_r[:, None] * stride_vr + offs_n[None, :].to(tl.int64) * stride_vk
+        vt_ptrs = v_rows + offs_n[None, :].to(tl.int64) * stride_vk
         vt = tl.load(vt_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
         dx = mma(dt, vt, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), PRECISION)
         dx_ptrs = DX + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
         tl.store(dx_ptrs, dx.to(DX.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _weights_configs() -> list[triton.Config]:
-    space = [
-        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
-        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3),
-        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
-        dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
-    ]
-    default = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
-    return configs(space, default)
+# dU = gᵀ·ts and dV = xᵀ·dt: P (m or n) × R outputs over K = rows. 16- and 32-column
+# tiles for small ranks (a 64-wide tile would be mostly padding at r ≤ 32).
+WEIGHTS_MMA = [
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=4),
+    dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=4),
+    dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=4),
+    dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=64, num_warps=4, num_stages=4),
+    dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=3),
+]
+# FMA (fp32 "ieee"): spill-free; 4-warp 64 × 64 and 128 × 32 tiles spill.
+WEIGHTS_FMA = [
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=3),
+]
+# SVDKERN_AUTOTUNE=0: the first one the launch's class keeps.
+WEIGHTS_DEFAULTS = [
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=32, num_warps=4, num_stages=3),
+]
+
+
+def _keep_weights(cfg: dict, args: dict) -> bool:
+    """Column tiles no wider than R_PAD (16 at r ≤ 16, 32 at r ≤ 32), row tiles not far
+    taller than m and n, the launch's class, within shared memory."""
+    fit = cfg["BLOCK_N"] <= args["R_PAD"] and cfg["BLOCK_M"] <= max(
+        64, args["M_BUCKET"], args["N_BUCKET"]
+    )
+    space = WEIGHTS_FMA if fma(args) else WEIGHTS_MMA
+    smem = gemm_smem(cfg, args["X"].element_size()) <= SMEM_BUDGET
+    return fit and smem and member(cfg, space)
 
 
 @triton.jit
@@ -260,8 +362,10 @@ def _weight_grad_tile(
     offs_k = tl.arange(0, BLOCK_K)
     mask_p = offs_p < P
     mask_n = offs_n < R
-    a_ptrs = A + offs_k[None, :].to(tl.int64) * stride_ar + offs_p[:, None] * stride_ap
+    a_ptrs = A + offs_k[None, :].to(tl.int64) * stride_ar + offs_p[:, None].to(tl.int64) * stride_ap
     b_ptrs = B + offs_k[:, None].to(tl.int64) * R + offs_n[None, :]
+    step_a = tl.cast(stride_ar, tl.int64) * BLOCK_K
+    step_b = tl.cast(R, tl.int64) * BLOCK_K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
     rowsum = tl.zeros((BLOCK_M,), dtype=ACC)
     for k0 in range(0, ROWS, BLOCK_K):
@@ -271,8 +375,8 @@ def _weight_grad_tile(
         acc = mma(a, b, acc, PRECISION)
         if WITH_ROWSUM:
             rowsum += tl.sum(a.to(ACC), axis=1)
-        a_ptrs += BLOCK_K * stride_ar
-        b_ptrs += BLOCK_K * R
+        a_ptrs += step_a
+        b_ptrs += step_b
     out_ptrs = OUT + offs_p[:, None].to(tl.int64) * R + offs_n[None, :]
     tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=mask_p[:, None] & mask_n[None, :])
     if WITH_ROWSUM:  # noqa: SIM102  (compile-time flag, then a runtime test)
@@ -280,10 +384,11 @@ def _weight_grad_tile(
             tl.store(DBIAS + offs_p, rowsum.to(DBIAS.dtype.element_ty), mask=mask_p)
 
 
-@triton.autotune(
-    configs=_weights_configs(),
-    key=["ROWS", "N", "M", "R"],
-    prune_configs_by=prune(lambda cfg, args: cfg["BLOCK_N"] <= max(32, _r_pad(args["R"]))),
+@autotune(
+    union(WEIGHTS_MMA, WEIGHTS_FMA),
+    WEIGHTS_DEFAULTS,
+    key=["ROWS_BUCKET", "N_BUCKET", "M_BUCKET", "R_PAD", "PRECISION"],
+    keep=_keep_weights,
 )
 @triton.jit
 def _lowrank_bwd_weights_kernel(
@@ -302,6 +407,10 @@ def _lowrank_bwd_weights_kernel(
     N,
     M,
     R,
+    ROWS_BUCKET,
+    N_BUCKET,
+    M_BUCKET,
+    R_PAD,
     HAS_DBIAS: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -313,6 +422,7 @@ def _lowrank_bwd_weights_kernel(
 
     Programs [0, tiles of dU) compute dU tiles, the rest dV tiles.
     g (ROWS×M), x (ROWS×N) by strides; ts, dt (ROWS×R), dU, dV row-major.
+    *_BUCKET and R_PAD: the autotune key only.
     """
     pid = tl.program_id(0)
     tiles_u = tl.cdiv(M, BLOCK_M) * tl.cdiv(R, BLOCK_N)
@@ -330,7 +440,7 @@ def _lowrank_bwd_weights_kernel(
 
 def _rows_of(x: torch.Tensor, n: int) -> torch.Tensor:
     """x (..., n) as a (rows × n) matrix, a view when the layout allows it."""
-    return x.reshape(-1, n)
+    return x.reshape(math.prod(x.shape[:-1]), n)
 
 
 def lowrank_linear_fwd(
@@ -350,7 +460,7 @@ def lowrank_linear_fwd(
     if rows == 0:
         return x.new_empty((*x.shape[:-1], m))
     with device_guard(U):
-        if r > R_MAX:
+        if r > r_max(x.dtype) or m == 0 or n == 0:  # two GEMMs (they handle empty sides)
             t, _ = matmul(x2, V, s, scale_n=True)
             y, _ = matmul(t, U.T, bias=bias)
             return y.view(*x.shape[:-1], m)
@@ -367,7 +477,7 @@ def lowrank_linear_fwd(
         _lowrank_fwd_kernel[grid](
             x2, V, s, U, bias_arg, y,
             x2.stride(0), x2.stride(1), V.stride(0), V.stride(1), U.stride(0), U.stride(1),
-            rows, n, m, r,
+            rows, n, m, r, bucket(rows), bucket(n), bucket(m),
             HAS_BIAS=bias is not None, ACC=acc_dtype(x.dtype),
             PRECISION=input_precision(x.dtype), R_PAD=_r_pad(r),
         )  # fmt: skip
@@ -427,7 +537,7 @@ def lowrank_linear_bwd(
     acc = acc_dtype(dtype)
     prec = input_precision(dtype)
     with device_guard(U):
-        if r > R_MAX:
+        if r > r_max(dtype) or m == 0 or n == 0:  # two GEMMs (they handle empty sides)
             t, _ = matmul(x2, V)
             dt, ds = matmul(g2, U, s, scale_n=True, ds_with=t)
             dU, _ = matmul(g2.T, t, s, scale_n=True)
@@ -447,7 +557,7 @@ def lowrank_linear_bwd(
             g2, x2, U, s, V, dx, ts, dt, ds_part,
             g2.stride(0), g2.stride(1), x2.stride(0), x2.stride(1),
             U.stride(0), U.stride(1), V.stride(0), V.stride(1),
-            rows, n, m, r,
+            rows, n, m, r, bucket(rows), bucket(n), bucket(m),
             ACC=acc, PRECISION=prec, R_PAD=_r_pad(r),
         )  # fmt: skip
         dU = torch.empty_like(U, memory_format=torch.contiguous_format)
@@ -460,7 +570,7 @@ def lowrank_linear_bwd(
         _lowrank_bwd_weights_kernel[grid](
             g2, x2, ts, dt, dU, dV, dbias if bias_grad else dU,
             g2.stride(0), g2.stride(1), x2.stride(0), x2.stride(1),
-            rows, n, m, r,
+            rows, n, m, r, bucket(rows), bucket(n), bucket(m), _r_pad(r),
             HAS_DBIAS=bias_grad, ACC=acc, PRECISION=prec,
         )  # fmt: skip
     return dx.view(x.shape), dU, ds_part.sum(0).to(dtype), dV, dbias

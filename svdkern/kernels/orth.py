@@ -7,8 +7,18 @@ its squared sum (×2 off the diagonal, /r²) to the program's total; the
 per-program totals are summed afterwards (deterministic two-level reduction).
 `orth_loss_forward` also stores the residuals R = MᵀM − I (fp32) for backward.
 
-Backward: dM = grad · 4·M·R/r² for all matrices in one persistent launch,
-M widened to fp32 so the product is as exact as the fp32 reference.
+Backward: dM = grad · 4·M·R/r² for all matrices in one persistent launch, on
+tensor cores for bf16/fp16 with fp32 accuracy: M widened to fp32 is exact in
+TF32 (bf16 and fp16 significands fit its 11 bits, fp16 subnormals its exponent),
+and the fp32 residual is split R = R_hi + R_lo with R_hi exact in TF32, so two
+TF32 MMAs with fp32 accumulation (M·R_hi + M·R_lo) carry R to about 2⁻²⁰ of its
+value: |error| ≲ 2⁻²⁰ · Σ_c |M_ic|·|R_cj| before the result is rounded to
+bf16/fp16 (2⁻⁹ / 2⁻¹²), against 2⁻⁹ for R rounded to bf16. fp32 inputs follow
+torch's TF32 setting (FMA when off).
+
+Autotune keys: the number of matrices, the largest r and k bucketed to powers of
+two, precision (and STORE_RES). Configs: tensor-core or FMA tiles within shared
+memory, at most 64 accumulators per thread.
 """
 
 from __future__ import annotations
@@ -21,37 +31,60 @@ import triton.language as tl
 
 from svdkern._checks import check_mats
 from svdkern.kernels._common import (
+    SMEM_BUDGET,
     acc_dtype,
+    autotune,
+    bucket,
     check_device_dtype,
-    configs,
     device_guard,
+    fma,
     input_precision,
+    member,
     num_sms,
     offsets,
     pack,
     problem_table,
-    prune,
-    unpack,
+    union,
 )
-from svdkern.kernels._gemm import _tile_dot, mma
+from svdkern.kernels._gemm import _tile_dot, acc_per_thread, mma, tf32_hi
 from svdkern.reference import loss_dtype
 
+# Persistent Gram tiles: 64-row tiles need 8 warps (4 spill in fp32 and sit at 255
+# registers in bf16), 128-row ones spill, and so does 64 × 64 × 64 on FMA (fp32 with the
+# residual store). Spill-free on sm_90 (triton 3.6).
+FWD_MMA = [
+    dict(BLOCK_R=64, BLOCK_K=64, num_warps=8, num_stages=3),
+    dict(BLOCK_R=64, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_R=32, BLOCK_K=64, num_warps=4, num_stages=3),
+    dict(BLOCK_R=32, BLOCK_K=32, num_warps=4, num_stages=3),
+]
+FWD_FMA = [
+    dict(BLOCK_R=64, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_R=32, BLOCK_K=64, num_warps=4, num_stages=3),
+    dict(BLOCK_R=32, BLOCK_K=32, num_warps=4, num_stages=3),
+]
+FWD_DEFAULTS = [dict(BLOCK_R=32, BLOCK_K=32, num_warps=4, num_stages=3)]
 
-def _fwd_configs() -> list[triton.Config]:
-    space = [
-        dict(BLOCK_R=128, BLOCK_K=64, num_warps=8, num_stages=3),
-        dict(BLOCK_R=64, BLOCK_K=64, num_warps=4, num_stages=3),
-        dict(BLOCK_R=32, BLOCK_K=64, num_warps=4, num_stages=3),
-    ]
-    return configs(space, dict(BLOCK_R=32, BLOCK_K=32, num_warps=4, num_stages=3))
+
+def _keep_fwd(cfg: dict, args: dict) -> bool:
+    """Gram tiles not far larger than the largest r, of the launch's class, within shared
+    memory (operand stages plus the residual tile transposed for its mirror store)."""
+    br, bk, stages = cfg["BLOCK_R"], cfg["BLOCK_K"], cfg["num_stages"]
+    smem = stages * 2 * br * bk * args["MATS"].element_size() + br * br * 4
+    space = FWD_FMA if fma(args) else FWD_MMA
+    return (
+        br <= max(32, args["MAX_R"])
+        and acc_per_thread(cfg, "BLOCK_R", "BLOCK_R") <= 64
+        and smem <= SMEM_BUDGET
+        and member(cfg, space)
+    )
 
 
-@triton.autotune(
-    configs=_fwd_configs(),
-    key=["NUM_PROBLEMS", "MAX_R", "MAX_K", "STORE_RES"],
-    prune_configs_by=prune(
-        lambda cfg, args: cfg["BLOCK_R"] <= max(32, triton.next_power_of_2(args["MAX_R"]))
-    ),
+@autotune(
+    union(FWD_MMA, FWD_FMA),
+    FWD_DEFAULTS,
+    key=["NUM_PROBLEMS", "MAX_R", "MAX_K", "STORE_RES", "PRECISION"],
+    keep=_keep_fwd,
     reset_to_zero=["PART"],
 )
 @triton.jit
@@ -115,21 +148,43 @@ def _orth_fwd_kernel(
     tl.store(PART + pid + tl.arange(0, 1), total)
 
 
-def _bwd_configs() -> list[triton.Config]:
-    space = [
-        dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
-        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3),
-        dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=3),
-    ]
-    return configs(space, dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=3))
+# Spill-free on sm_90 (triton 3.6); the split (two MMAs) needs 8 warps for 64 × 64 and
+# larger tiles.
+BWD_MMA = [
+    dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=3),
+    dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=3),
+]
+BWD_FMA = [
+    dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=8, num_stages=3),
+    dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=3),
+]
+BWD_DEFAULTS = [dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4, num_stages=3)]
 
 
-@triton.autotune(
-    configs=_bwd_configs(),
-    key=["NUM_PROBLEMS", "MAX_R", "MAX_K"],
-    prune_configs_by=prune(
-        lambda cfg, args: cfg["BLOCK_N"] <= max(32, triton.next_power_of_2(args["MAX_R"]))
-    ),
+def _keep_bwd(cfg: dict, args: dict) -> bool:
+    """Column tiles not far wider than the largest r, of the launch's class, within shared
+    memory (M and fp32 R stages, the two R operands and M widened to fp32)."""
+    bm, bn, bk, stages = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["num_stages"]
+    smem = stages * (bm * bk * args["MATS"].element_size() + bk * bn * 4) + (2 * bn + bm) * bk * 4
+    space = BWD_FMA if fma(args) else BWD_MMA
+    return (
+        bn <= max(32, args["MAX_R"])
+        and acc_per_thread(cfg) <= 64
+        and smem <= SMEM_BUDGET
+        and member(cfg, space)
+    )
+
+
+@autotune(
+    union(BWD_MMA, BWD_FMA),
+    BWD_DEFAULTS,
+    key=["NUM_PROBLEMS", "MAX_R", "MAX_K", "PRECISION"],
+    keep=_keep_bwd,
 )
 @triton.jit
 def _orth_bwd_kernel(
@@ -141,6 +196,7 @@ def _orth_bwd_kernel(
     NUM_PROBLEMS,
     MAX_R,
     MAX_K,
+    SPLIT_R: tl.constexpr,
     ACC: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -151,8 +207,10 @@ def _orth_bwd_kernel(
 
     TABLE (NUM_PROBLEMS × 4, int64): k, r, off (M in MATS and dM in OUT, row-major
     k×r), off_res (R in RES, ACC, row-major). GRAD: the upstream scalar (ACC).
-    Persistent over the (k×r) output tiles of all matrices; M is widened to ACC so
-    the product is as exact as the fp32 reference.
+    Persistent over the (k×r) output tiles of all matrices. SPLIT_R (bf16/fp16 M,
+    PRECISION "tf32"): M widened to fp32 (exact in TF32) times R_hi + R_lo, two TF32
+    MMAs (module docstring); else M widened to ACC times R at PRECISION.
+    MAX_R, MAX_K (buckets) only key the autotuner.
     """
     tile = tl.program_id(0).to(tl.int64)
     step = tl.num_programs(0)
@@ -183,7 +241,13 @@ def _orth_bwd_kernel(
                 a = tl.load(m_ptrs, mask=mask_i[:, None] & mask_c[None, :], other=0.0)
                 r_ptrs = res + offs_c[:, None] * r + offs_j[None, :]
                 b = tl.load(r_ptrs, mask=mask_c[:, None] & mask_j[None, :], other=0.0)
-                acc = mma(a.to(ACC), b, acc, PRECISION)
+                if SPLIT_R:
+                    a = a.to(tl.float32)
+                    b_hi = tf32_hi(b)
+                    acc = mma(a, b_hi, acc, PRECISION)
+                    acc = mma(a, b - b_hi, acc, PRECISION)
+                else:
+                    acc = mma(a.to(ACC), b, acc, PRECISION)
             o_ptrs = OUT + off + offs_i[:, None] * r + offs_j[None, :]
             o_mask = mask_i[:, None] & mask_j[None, :]
             tl.store(o_ptrs, (acc * coef).to(OUT.dtype.element_ty), mask=o_mask)
@@ -205,7 +269,7 @@ def _layout(
 
 def _forward(
     op: str, mats: Sequence[torch.Tensor], store_res: bool
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     mats = list(mats)
     shapes, _, _, table = _layout(op, mats)
     dtype, device = mats[0].dtype, mats[0].device
@@ -223,11 +287,10 @@ def _forward(
     with device_guard(mats[0]):
         _orth_fwd_kernel[grid](
             pack(mats), res if store_res else part, part, table, len(mats),
-            max(r for _, r in shapes), max(k for k, _ in shapes),
+            bucket(max(r for _, r in shapes)), bucket(max(k for k, _ in shapes)),
             STORE_RES=store_res, ACC=acc_dtype(dtype), PRECISION=input_precision(dtype),
         )  # fmt: skip
-    residuals = unpack(res, [(r, r) for _, r in shapes]) if store_res else []
-    return part.sum(), residuals
+    return part.sum(), res
 
 
 def orth_loss_fwd(mats: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -235,33 +298,34 @@ def orth_loss_fwd(mats: Sequence[torch.Tensor]) -> torch.Tensor:
     return _forward("orth_loss", mats, store_res=False)[0]
 
 
-def orth_loss_forward_fwd(mats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(orth_loss(mats), [R = MᵀM − I (r×r, fp32 / fp64) for M in mats]) in one launch."""
+def orth_loss_forward_fwd(mats: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(orth_loss(mats), the residuals R = MᵀM − I (r×r, fp32 / fp64) of all M in mats, packed
+    row-major back to back) in one launch."""
     return _forward("orth_loss_forward", mats, store_res=True)
 
 
 def orth_loss_bwd(
-    grad: torch.Tensor, mats: Sequence[torch.Tensor], residuals: Sequence[torch.Tensor]
-) -> list[torch.Tensor]:
-    """[grad · 4·M·R/r² for M, R in zip(mats, residuals)], each in M's dtype; one launch."""
-    mats, residuals = list(mats), list(residuals)
+    grad: torch.Tensor, mats: Sequence[torch.Tensor], residuals: torch.Tensor
+) -> torch.Tensor:
+    """[grad · 4·M·R/r² for M, R in zip(mats, residuals)] packed (row-major, back to back) in
+    M's dtype; residuals packed as orth_loss_forward_fwd returns them; one launch."""
+    mats = list(mats)
     shapes, _, _, table = _layout("orth_loss_backward", mats)
     dtype, device = mats[0].dtype, mats[0].device
     ldtype = loss_dtype(dtype)
-    if len(residuals) != len(mats):
+    total_r2 = sum(r * r for _, r in shapes)
+    if not isinstance(residuals, torch.Tensor) or tuple(residuals.shape) != (total_r2,):
+        got = list(residuals.shape) if isinstance(residuals, torch.Tensor) else residuals
         raise ValueError(
-            f"orth_loss_backward: residuals must have {len(mats)} tensors (one per matrix), "
-            f"got {len(residuals)}"
+            f"orth_loss_backward: residuals must be the packed r×r residuals of all matrices, "
+            f"shape [{total_r2}], got {got}"
         )
-    for i, (R, (_, r)) in enumerate(zip(residuals, shapes)):
-        if tuple(R.shape) != (r, r):
-            raise ValueError(
-                f"orth_loss_backward: residuals[{i}] must have shape [{r}, {r}], "
-                f"got {list(R.shape)}"
-            )
     out = torch.empty(sum(k * r for k, r in shapes), dtype=dtype, device=device)
     grad = grad.detach().reshape(1).to(device=device, dtype=ldtype)
     cap = 4 * num_sms(device)
+    # bf16/fp16: tensor cores at fp32 accuracy (TF32 with R split in two, module docstring).
+    split = dtype in (torch.bfloat16, torch.float16)
+    precision = "tf32" if split else input_precision(dtype)
 
     def grid(meta):
         tiles = sum(
@@ -272,8 +336,8 @@ def orth_loss_bwd(
     if out.numel():
         with device_guard(mats[0]):
             _orth_bwd_kernel[grid](
-                pack(mats), pack([R.to(ldtype) for R in residuals]), out, grad, table,
-                len(mats), max(r for _, r in shapes), max(k for k, _ in shapes),
-                ACC=acc_dtype(dtype), PRECISION=input_precision(ldtype),
+                pack(mats), residuals.to(ldtype).contiguous(), out, grad, table,
+                len(mats), bucket(max(r for _, r in shapes)), bucket(max(k for k, _ in shapes)),
+                SPLIT_R=split, ACC=acc_dtype(dtype), PRECISION=precision,
             )  # fmt: skip
-    return unpack(out, shapes)
+    return out

@@ -5,7 +5,10 @@
     hoyer_square:  R = h²                          dR/ds = 2h·dh/ds
 
 tiny is the smallest normal number of the loss dtype, so an all-zero vector has
-R = 0 and zero gradient (as svdkern.reference). The vectors are packed into one
+R = 0 and zero gradient (as svdkern.reference). Square roots and divisions are
+correctly rounded (tl.sqrt_rn, tl.div_rn in fp32; fp64's are IEEE already): the
+GPU's default fp32 forms (sqrt.approx.ftz, div.full) are a few ulp off and flush a
+subnormal ‖s‖₂² to zero. The vectors are packed into one
 buffer; program p handles vectors p, p + programs, …, accumulating in fp32 (fp64).
 """
 
@@ -26,7 +29,6 @@ from svdkern.kernels._common import (
     offsets,
     pack,
     problem_table,
-    unpack,
 )
 from svdkern.reference import loss_dtype
 
@@ -48,6 +50,18 @@ def _norms(S, start, end, ACC: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _sqrt(x, ACC: tl.constexpr):
+    """Correctly rounded √x in ACC."""
+    return tl.sqrt_rn(x) if ACC.primitive_bitwidth == 32 else tl.sqrt(x)
+
+
+@triton.jit
+def _div(x, y, ACC: tl.constexpr):
+    """Correctly rounded x / y in ACC."""
+    return tl.div_rn(x, y) if ACC.primitive_bitwidth == 32 else x / y
+
+
+@triton.jit
 def _sparsity_fwd_kernel(
     S,
     OFFS,
@@ -66,7 +80,7 @@ def _sparsity_fwd_kernel(
         if KIND == 0:
             total += l1
         else:
-            h = l1 / tl.maximum(tl.sqrt(sq), tl.full((), TINY, ACC))
+            h = _div(l1, tl.maximum(_sqrt(sq, ACC), tl.full((), TINY, ACC)), ACC)
             if KIND == 1:
                 total += h
             else:
@@ -94,11 +108,12 @@ def _sparsity_bwd_kernel(
         start = tl.load(OFFS + g)
         end = tl.load(OFFS + g + 1)
         l1, sq = _norms(S, start, end, ACC, BLOCK)
-        norm = tl.sqrt(sq)
+        norm = _sqrt(sq, ACC)
         l2 = tl.maximum(norm, tiny)
-        h = l1 / l2
+        h = _div(l1, l2, ACC)
         # The clamp passes no gradient below tiny (an all-zero vector gets zero gradient).
-        k2 = tl.where(norm >= tiny, h / l2 / l2, 0.0)
+        # h/l2 · (s/l2) rather than h/l2² · s: l2² would overflow for tiny norms.
+        hl = tl.where(norm >= tiny, _div(h, l2, ACC), 0.0)
         for i in range(start, end, BLOCK):
             offs = i + tl.arange(0, BLOCK)
             mask = offs < end
@@ -107,7 +122,7 @@ def _sparsity_bwd_kernel(
             if KIND == 0:
                 d = sign
             else:
-                d = sign / l2 - k2 * x
+                d = _div(sign, l2, ACC) - hl * _div(x, l2, ACC)
                 if KIND == 2:
                     d = 2.0 * h * d
             tl.store(OUT + offs, (grad * d).to(OUT.dtype.element_ty), mask=mask)
@@ -141,10 +156,8 @@ def sparsity_loss_fwd(svals: Sequence[torch.Tensor], kind: str) -> torch.Tensor:
     return part.view(()) if programs == 1 else part.sum()
 
 
-def sparsity_loss_bwd(
-    grad: torch.Tensor, svals: Sequence[torch.Tensor], kind: str
-) -> list[torch.Tensor]:
-    """[grad · dR/ds for s in svals], each in s's dtype; one launch."""
+def sparsity_loss_bwd(grad: torch.Tensor, svals: Sequence[torch.Tensor], kind: str) -> torch.Tensor:
+    """[grad · dR/ds for s in svals] packed back to back, in s's dtype; one launch."""
     svals = list(svals)
     check_svals("sparsity_loss_backward", svals, kind)
     check_device_dtype("sparsity_loss_backward", svals[0])
@@ -159,4 +172,4 @@ def sparsity_loss_bwd(
             pack(svals), offs, grad, out, len(svals),
             KIND=_KINDS[kind], ACC=acc_dtype(dtype), TINY=torch.finfo(ldtype).tiny, BLOCK=_BLOCK,
         )  # fmt: skip
-    return unpack(out, [(s.shape[0],) for s in svals])
+    return out
