@@ -5,8 +5,15 @@
 // registered for the tensors' device (C++ on CPU, Triton on CUDA, Triton on
 // CPU in interpreter mode) serves both directions. Double backward is not
 // supported: the backward ops have no autograd of their own.
+//
+// The grouped ops' kernels return packed buffers (packed.h); the per-layer
+// tensors are ATen views of them taken here, outside the ops: the forward's
+// by compose_grouped (CompositeImplicitAutograd), the gradients' by the
+// backward functions below.
 #include <torch/autograd.h>
 #include <torch/library.h>
+
+#include "packed.h"
 
 namespace svdkern {
 namespace {
@@ -50,13 +57,16 @@ class Compose : public torch::autograd::Function<Compose> {
   }
 };
 
-class ComposeGrouped : public torch::autograd::Function<ComposeGrouped> {
+// Autograd of compose_grouped_packed. The layers' W_l are views of its one output (taken by
+// compose_grouped below with split_with_sizes), so their gradients reach this backward
+// packed by split_with_sizes' backward: one copy, as packing them for the kernel costs.
+class ComposeGroupedPacked : public torch::autograd::Function<ComposeGroupedPacked> {
  public:
-  static variable_list forward(AutogradContext* ctx, at::TensorList Us, at::TensorList ss,
-                               at::TensorList Vs) {
+  static Tensor forward(AutogradContext* ctx, at::TensorList Us, at::TensorList ss,
+                        at::TensorList Vs) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op = op_handle<TensorVec(at::TensorList, at::TensorList, at::TensorList)>(
-        "svdkern::compose_grouped");
+    static auto op = op_handle<Tensor(at::TensorList, at::TensorList, at::TensorList)>(
+        "svdkern::compose_grouped_packed");
     variable_list saved(Us.begin(), Us.end());
     saved.insert(saved.end(), ss.begin(), ss.end());
     saved.insert(saved.end(), Vs.begin(), Vs.end());
@@ -66,19 +76,17 @@ class ComposeGrouped : public torch::autograd::Function<ComposeGrouped> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op = op_handle<std::tuple<TensorVec, TensorVec, TensorVec>(
-        at::TensorList, at::TensorList, at::TensorList, at::TensorList)>(
+    static auto op = op_handle<std::tuple<Tensor, Tensor>(const Tensor&, at::TensorList,
+                                                          at::TensorList, at::TensorList)>(
         "svdkern::compose_grouped_backward");
     const size_t n = static_cast<size_t>(ctx->saved_data["n"].toInt());
     const auto parts = split(ctx->get_saved_variables(), {n, n, n});
     const auto &Us = parts[0], &ss = parts[1], &Vs = parts[2];
-    TensorVec grad_Ws(n);
-    for (size_t i = 0; i < n; ++i) {
-      grad_Ws[i] = grads[i].defined() ? grads[i]
-                                      : at::zeros({Us[i].size(0), Vs[i].size(0)}, Us[i].options());
-    }
-    auto [dUs, dss, dVs] = op.call(grad_Ws, Us, ss, Vs);
-    variable_list out(dUs.begin(), dUs.end());
+    auto [dF, ds] = op.call(grads[0], Us, ss, Vs);
+    // dF holds [dU_0, ..., dU_last, dV_0, ..., dV_last]; ds holds [ds_0, ds_1, ...].
+    variable_list out = unpack(dF, shapes_of(Us));
+    const auto dss = unpack(ds, shapes_of(ss));
+    const auto dVs = unpack(dF, shapes_of(Vs), total_numel(Us));
     out.insert(out.end(), dss.begin(), dss.end());
     out.insert(out.end(), dVs.begin(), dVs.end());
     return out;
@@ -116,22 +124,22 @@ class OrthLoss : public torch::autograd::Function<OrthLoss> {
  public:
   static Tensor forward(AutogradContext* ctx, at::TensorList mats) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static auto op = op_handle<std::tuple<Tensor, TensorVec>(at::TensorList)>(
+    static auto op = op_handle<std::tuple<Tensor, Tensor>(at::TensorList)>(
         "svdkern::orth_loss_forward");
     auto [loss, residuals] = op.call(mats);
     variable_list saved(mats.begin(), mats.end());
-    saved.insert(saved.end(), residuals.begin(), residuals.end());
+    saved.push_back(residuals);
     ctx->save_for_backward(saved);
     return loss;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op = op_handle<TensorVec(const Tensor&, at::TensorList, at::TensorList)>(
+    static auto op = op_handle<Tensor(const Tensor&, at::TensorList, const Tensor&)>(
         "svdkern::orth_loss_backward");
-    const auto saved = ctx->get_saved_variables();
-    const size_t n = saved.size() / 2;
-    const auto parts = split(saved, {n, n});
-    return op.call(grads[0], parts[0], parts[1]);
+    auto saved = ctx->get_saved_variables();
+    const Tensor residuals = saved.back();
+    saved.pop_back();
+    return unpack(op.call(grads[0], saved, residuals), shapes_of(saved));
   }
 };
 
@@ -147,10 +155,11 @@ class SparsityLoss : public torch::autograd::Function<SparsityLoss> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op = op_handle<TensorVec(const Tensor&, at::TensorList, c10::string_view)>(
+    static auto op = op_handle<Tensor(const Tensor&, at::TensorList, c10::string_view)>(
         "svdkern::sparsity_loss_backward");
     const std::string kind = ctx->saved_data["kind"].toStringRef();
-    variable_list out = op.call(grads[0], ctx->get_saved_variables(), kind);
+    const auto svals = ctx->get_saved_variables();
+    variable_list out = unpack(op.call(grads[0], svals, kind), shapes_of(svals));
     out.emplace_back();  // no gradient for kind
     return out;
   }
@@ -160,8 +169,26 @@ Tensor compose_autograd(const Tensor& U, const Tensor& s, const Tensor& V) {
   return Compose::apply(U, s, V);
 }
 
-TensorVec compose_grouped_autograd(at::TensorList Us, at::TensorList ss, at::TensorList Vs) {
-  return ComposeGrouped::apply(Us, ss, Vs);
+Tensor compose_grouped_packed_autograd(at::TensorList Us, at::TensorList ss,
+                                       at::TensorList Vs) {
+  return ComposeGroupedPacked::apply(Us, ss, Vs);
+}
+
+// compose_grouped = the layers' views of compose_grouped_packed (CompositeImplicitAutograd).
+// split_with_sizes gives autograd one backward node for all layers (a single cat of their
+// gradients, zeros for unused layers) and torch.compile plain view ops to trace.
+TensorVec compose_grouped_views(at::TensorList Us, at::TensorList ss, at::TensorList Vs) {
+  static auto op = op_handle<Tensor(at::TensorList, at::TensorList, at::TensorList)>(
+      "svdkern::compose_grouped_packed");
+  const Tensor W = op.call(Us, ss, Vs);  // checks the lists before they are read below
+  std::vector<c10::SymInt> sizes;
+  sizes.reserve(Us.size());
+  for (size_t i = 0; i < Us.size(); ++i) sizes.push_back(Us[i].sym_size(0) * Vs[i].sym_size(0));
+  TensorVec out = W.split_with_sizes_symint(sizes);
+  for (size_t i = 0; i < Us.size(); ++i) {
+    out[i] = out[i].view_symint({Us[i].sym_size(0), Vs[i].sym_size(0)});
+  }
+  return out;
 }
 
 Tensor lowrank_linear_autograd(const Tensor& x, const Tensor& U, const Tensor& s, const Tensor& V,
@@ -180,8 +207,12 @@ Tensor sparsity_loss_autograd(at::TensorList svals, c10::string_view kind) {
 
 TORCH_LIBRARY_IMPL(svdkern, Autograd, m) {
   m.impl("compose", &svdkern::compose_autograd);
-  m.impl("compose_grouped", &svdkern::compose_grouped_autograd);
+  m.impl("compose_grouped_packed", &svdkern::compose_grouped_packed_autograd);
   m.impl("lowrank_linear", &svdkern::lowrank_linear_autograd);
   m.impl("orth_loss", &svdkern::orth_loss_autograd);
   m.impl("sparsity_loss", &svdkern::sparsity_loss_autograd);
+}
+
+TORCH_LIBRARY_IMPL(svdkern, CompositeImplicitAutograd, m) {
+  m.impl("compose_grouped", &svdkern::compose_grouped_views);
 }

@@ -20,10 +20,16 @@ PyMODINIT_FUNC PyInit__C(void) {
 TORCH_LIBRARY(svdkern, m) {
   m.def("compose(Tensor U, Tensor s, Tensor V) -> Tensor");
   m.def("compose_backward(Tensor grad_W, Tensor U, Tensor s, Tensor V) -> (Tensor, Tensor, Tensor)");
+  // The grouped ops produce packed buffers (packed.h): one tensor per output, so no output
+  // aliases another. compose_grouped (CompositeImplicitAutograd, autograd.cpp) returns the
+  // layers' views of compose_grouped_packed's buffer W = [W_0, W_1, ...] (each m×n row-major).
   m.def("compose_grouped(Tensor[] Us, Tensor[] ss, Tensor[] Vs) -> Tensor[]");
+  m.def("compose_grouped_packed(Tensor[] Us, Tensor[] ss, Tensor[] Vs) -> Tensor");
+  // grad_W is packed like W; returns (dF, ds): dF = [dU_0, ..., dU_last, dV_0, ..., dV_last]
+  // (the layout of the packed factors), ds = [ds_0, ds_1, ...].
   m.def(
-      "compose_grouped_backward(Tensor[] grad_Ws, Tensor[] Us, Tensor[] ss, Tensor[] Vs)"
-      " -> (Tensor[], Tensor[], Tensor[])");
+      "compose_grouped_backward(Tensor grad_W, Tensor[] Us, Tensor[] ss, Tensor[] Vs)"
+      " -> (Tensor, Tensor)");
   m.def("lowrank_linear(Tensor x, Tensor U, Tensor s, Tensor V, Tensor? bias=None) -> Tensor");
   // The forward used under autograd also returns xv = x·V (rows×r) for the backward to
   // reuse, or an empty tensor where the kernel recomputes it on chip (Triton).
@@ -34,12 +40,14 @@ TORCH_LIBRARY(svdkern, m) {
       "lowrank_linear_backward(Tensor grad_y, Tensor x, Tensor U, Tensor s, Tensor V,"
       " Tensor xv, bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("orth_loss(Tensor[] mats) -> Tensor");
-  // The forward used under autograd also returns the Gram residuals Rᵢ = MᵢᵀMᵢ − I (r×r,
-  // fp32), so the backward 4·M·R/r² costs one GEMM per matrix instead of two.
-  m.def("orth_loss_forward(Tensor[] mats) -> (Tensor, Tensor[])");
-  m.def("orth_loss_backward(Tensor grad, Tensor[] mats, Tensor[] residuals) -> Tensor[]");
+  // The forward used under autograd also returns the Gram residuals Rᵢ = MᵢᵀMᵢ − I (rᵢ×rᵢ,
+  // fp32, packed), so the backward 4·M·R/r² costs one GEMM per matrix instead of two.
+  // The backward returns the packed gradients [dM_0, dM_1, ...].
+  m.def("orth_loss_forward(Tensor[] mats) -> (Tensor, Tensor)");
+  m.def("orth_loss_backward(Tensor grad, Tensor[] mats, Tensor residuals) -> Tensor");
   m.def("sparsity_loss(Tensor[] svals, str kind) -> Tensor");
-  m.def("sparsity_loss_backward(Tensor grad, Tensor[] svals, str kind) -> Tensor[]");
+  // Returns the packed gradients [ds_0, ds_1, ...].
+  m.def("sparsity_loss_backward(Tensor grad, Tensor[] svals, str kind) -> Tensor");
 }
 
 namespace svdkern {
@@ -74,13 +82,13 @@ struct Autocast {
     return op.call(cast(U), cast(s), cast(V));
   }
 
-  static std::vector<at::Tensor> compose_grouped(at::TensorList Us, at::TensorList ss,
-                                                 at::TensorList Vs) {
+  // compose_grouped (composite) reaches this through compose_grouped_packed.
+  static at::Tensor compose_grouped_packed(at::TensorList Us, at::TensorList ss,
+                                           at::TensorList Vs) {
     c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
-    static auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("svdkern::compose_grouped", "")
-            .typed<std::vector<at::Tensor>(at::TensorList, at::TensorList, at::TensorList)>();
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("svdkern::compose_grouped_packed", "")
+                         .typed<at::Tensor(at::TensorList, at::TensorList, at::TensorList)>();
     return op.call(cast(Us), cast(ss), cast(Vs));
   }
 
@@ -103,13 +111,13 @@ struct Autocast {
 TORCH_LIBRARY_IMPL(svdkern, AutocastCUDA, m) {
   using A = svdkern::Autocast<c10::DeviceType::CUDA>;
   m.impl("compose", &A::compose);
-  m.impl("compose_grouped", &A::compose_grouped);
+  m.impl("compose_grouped_packed", &A::compose_grouped_packed);
   m.impl("lowrank_linear", &A::lowrank_linear);
 }
 
 TORCH_LIBRARY_IMPL(svdkern, AutocastCPU, m) {
   using A = svdkern::Autocast<c10::DeviceType::CPU>;
   m.impl("compose", &A::compose);
-  m.impl("compose_grouped", &A::compose_grouped);
+  m.impl("compose_grouped_packed", &A::compose_grouped_packed);
   m.impl("lowrank_linear", &A::lowrank_linear);
 }

@@ -9,9 +9,12 @@
 Each op is `torch.ops.svdkern.<name>`, defined in C++ (`svdkern._C`) with a
 CPU kernel and autograd; this module adds the fake kernels that let
 torch.compile trace the ops and registers the Triton kernels as their CUDA
-implementation. If `svdkern._C` cannot be loaded, the functions run
-`svdkern.reference` instead (one warning); `backend()` says which
-implementation serves each device.
+implementation. The grouped ops' kernels return packed buffers (one tensor per
+output: outputs of an operator must not alias each other); the per-layer tensors
+are views of them taken by ATen view ops outside the kernels (compose_grouped is
+a CompositeImplicitAutograd op over compose_grouped_packed). If `svdkern._C` cannot
+be loaded, the functions run `svdkern.reference` instead (one warning);
+`backend()` says which implementation serves each device.
 
 Environment:
     SVDKERN_BACKEND=triton   also serve CPU tensors with the Triton kernels
@@ -51,10 +54,12 @@ __all__ = [
     "sparsity_loss",
 ]
 
+# The ops with a kernel per device (C++ on CPU, Triton on CUDA). compose_grouped has none: it
+# is the layers' views of compose_grouped_packed (CompositeImplicitAutograd, in C++).
 OP_NAMES = (
     "compose",
     "compose_backward",
-    "compose_grouped",
+    "compose_grouped_packed",
     "compose_grouped_backward",
     "lowrank_linear",
     "lowrank_linear_forward",
@@ -122,18 +127,17 @@ def _register_fakes() -> None:
     def _(grad_W, U, s, V):
         return torch.empty_like(U), torch.empty_like(s), torch.empty_like(V)
 
-    @torch.library.register_fake("svdkern::compose_grouped")
+    def numel(tensors) -> int:
+        return sum(t.numel() for t in tensors)
+
+    @torch.library.register_fake("svdkern::compose_grouped_packed")
     def _(Us, ss, Vs):
         check_grouped("compose_grouped", Us, ss, Vs)
-        return [U.new_empty((U.shape[0], V.shape[0])) for U, V in zip(Us, Vs)]
+        return Us[0].new_empty((sum(U.shape[0] * V.shape[0] for U, V in zip(Us, Vs)),))
 
     @torch.library.register_fake("svdkern::compose_grouped_backward")
-    def _(grad_Ws, Us, ss, Vs):
-        return (
-            [torch.empty_like(U) for U in Us],
-            [torch.empty_like(s) for s in ss],
-            [torch.empty_like(V) for V in Vs],
-        )
+    def _(grad_W, Us, ss, Vs):
+        return Us[0].new_empty((numel(Us) + numel(Vs),)), ss[0].new_empty((numel(ss),))
 
     @torch.library.register_fake("svdkern::lowrank_linear")
     def _(x, U, s, V, bias=None):
@@ -167,11 +171,12 @@ def _register_fakes() -> None:
     def _(mats):
         check_mats("orth_loss", mats)
         acc = reference.loss_dtype(mats[0].dtype)
-        return like_loss(mats[0]), [M.new_empty((M.shape[1], M.shape[1]), dtype=acc) for M in mats]
+        residuals = mats[0].new_empty((sum(M.shape[1] ** 2 for M in mats),), dtype=acc)
+        return like_loss(mats[0]), residuals
 
     @torch.library.register_fake("svdkern::orth_loss_backward")
     def _(grad, mats, residuals):
-        return [torch.empty_like(M) for M in mats]
+        return mats[0].new_empty((numel(mats),))
 
     @torch.library.register_fake("svdkern::sparsity_loss")
     def _(svals, kind):
@@ -180,7 +185,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("svdkern::sparsity_loss_backward")
     def _(grad, svals, kind):
-        return [torch.empty_like(s) for s in svals]
+        return svals[0].new_empty((numel(svals),))
 
 
 def _keeps_xv(device: torch.device) -> bool:

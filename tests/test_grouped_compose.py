@@ -66,3 +66,20 @@ def test_grouped_compose_leaves_out_layers_on_the_chain_path():
         assert model[0]._grouped_matrix is not None and model[7]._grouped_matrix is not None
         out = model(x)
     torch.testing.assert_close(out, model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_grouped_compose_matches_the_reference_values_and_gradients():
+    """Against the plain-PyTorch reference (not the per-layer op, whose backward the grouped
+    kernels share), in fp32 as a model trains."""
+    model = _model().float()
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 7])
+    for layer in model.modules():
+        if isinstance(layer, (svdkern.SVDLinear, svdkern.SVDConv2d)):
+            layer.mode = "compose"
+    with ops.reference_mode():
+        loss, grads = _loss_and_grads(model, x, y)
+    with svdkern.grouped_compose(model):
+        grouped_loss, grouped_grads = _loss_and_grads(model, x, y)
+    torch.testing.assert_close(grouped_loss, loss, rtol=1e-5, atol=1e-6)
+    for g, e in zip(grouped_grads, grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)

@@ -55,6 +55,21 @@ def _leaves(tensors, dtype: torch.dtype) -> list[torch.Tensor]:
     return [t.detach().to(_ref_dtype(dtype)).requires_grad_() for t in tensors]
 
 
+def _split(flat: torch.Tensor, shapes) -> list[torch.Tensor]:
+    """The tensors of `shapes` packed row-major, back to back, in the 1-D `flat`."""
+    sizes = [int(torch.Size(shape).numel()) for shape in shapes]
+    assert flat.dim() == 1 and flat.numel() == sum(sizes)
+    return [t.view(shape) for t, shape in zip(flat.split(sizes), shapes)]
+
+
+def _grouped_backward(grads, Us, ss, Vs):
+    """(dUs, dss, dVs) of the grouped backward launcher, from and to per-layer tensors."""
+    packed = torch.cat([g.reshape(-1) for g in grads])
+    dF, ds = IMPLS["compose_grouped_backward"](packed, Us, ss, Vs)
+    dUV = _split(dF, [U.shape for U in Us] + [V.shape for V in Vs])
+    return dUV[: len(Us)], _split(ds, [s.shape for s in ss]), dUV[len(Us) :]
+
+
 def _close(actual, expected, atol: float, rtol: float, scale: bool = True) -> None:
     """assert_close with the tolerance scaled by the expected tensor's magnitude (for sums)."""
     actual = actual.to(expected.dtype)
@@ -112,7 +127,7 @@ def test_compose_non_contiguous_inputs():
         _close(a, e, 1e-4, 1e-4)
 
 
-@pytest.mark.interp
+@pytest.mark.cuda
 def test_compose_backward_is_deterministic():
     U, s, V = torch.randn(70, 20, device=DEVICE), torch.randn(20, device=DEVICE), None
     V = torch.randn(33, 20, device=DEVICE)
@@ -149,7 +164,10 @@ def _grouped_inputs(dtype: torch.dtype, shapes=GROUPED_SHAPES, device: str = DEV
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
 def test_compose_grouped_matches_reference(dtype, atol, rtol):
     Us, ss, Vs = _grouped_inputs(dtype)
-    Ws = IMPLS["compose_grouped"](Us, ss, Vs)
+    Ws = _split(
+        IMPLS["compose_grouped_packed"](Us, ss, Vs),
+        [(U.shape[0], V.shape[0]) for U, V in zip(Us, Vs)],
+    )
     G = len(Us)
     leaves = _leaves(Us + ss + Vs, dtype)
     expected = reference.compose_grouped(leaves[:G], leaves[G : 2 * G], leaves[2 * G :])
@@ -164,7 +182,7 @@ def test_compose_grouped_matches_reference(dtype, atol, rtol):
 def test_compose_grouped_backward_matches_reference(dtype, atol, rtol):
     Us, ss, Vs = _grouped_inputs(dtype)
     grads = [_randn(U.shape[0], V.shape[0], dtype=dtype) for U, V in zip(Us, Vs)]
-    dUs, dss, dVs = IMPLS["compose_grouped_backward"](grads, Us, ss, Vs)
+    dUs, dss, dVs = _grouped_backward(grads, Us, ss, Vs)
     G = len(Us)
     leaves = _leaves(Us + ss + Vs, dtype)
     outs = reference.compose_grouped(leaves[:G], leaves[G : 2 * G], leaves[2 * G :])
@@ -256,9 +274,9 @@ def test_orth_loss_matches_reference(dtype, atol, rtol):
     expected = reference.orth_loss(mats)  # casts to the loss dtype itself
     assert loss.dtype == reference.loss_dtype(dtype) and loss.shape == ()
     torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
-    loss2, residuals = IMPLS["orth_loss_forward"](mats)
+    loss2, packed = IMPLS["orth_loss_forward"](mats)
     torch.testing.assert_close(loss2, expected, atol=1e-5, rtol=1e-5)
-    for M, R in zip(mats, residuals):
+    for M, R in zip(mats, _split(packed, [(M.shape[1], M.shape[1]) for M in mats])):
         A = M.to(reference.loss_dtype(dtype))
         eye = torch.eye(A.shape[1], dtype=A.dtype, device=A.device)
         assert R.dtype == A.dtype
@@ -271,7 +289,7 @@ def test_orth_loss_backward_matches_reference(dtype, atol, rtol):
     mats = [_randn(k, r, dtype=dtype) / k**0.5 for k, r in ORTH_SHAPES]
     grad = torch.tensor(0.7, dtype=reference.loss_dtype(dtype), device=DEVICE)
     _, residuals = IMPLS["orth_loss_forward"](mats)
-    got = IMPLS["orth_loss_backward"](grad, mats, residuals)
+    got = _split(IMPLS["orth_loss_backward"](grad, mats, residuals), [M.shape for M in mats])
     leaves = [M.detach().clone().requires_grad_() for M in mats]
     expected = torch.autograd.grad(reference.orth_loss(leaves), leaves, grad)
     for a, e in zip(got, expected):
@@ -311,7 +329,7 @@ def test_sparsity_loss_matches_reference(kind, dtype, atol, rtol):
 def test_sparsity_loss_backward_matches_reference(kind, dtype, atol, rtol):
     svals = _svals(dtype)
     grad = torch.tensor(1.3, dtype=reference.loss_dtype(dtype), device=DEVICE)
-    got = IMPLS["sparsity_loss_backward"](grad, svals, kind)
+    got = _split(IMPLS["sparsity_loss_backward"](grad, svals, kind), [s.shape for s in svals])
     leaves = [s.detach().clone().requires_grad_() for s in svals]
     expected = torch.autograd.grad(reference.sparsity_loss(leaves, kind), leaves, grad)
     for a, e in zip(got, expected):
@@ -405,7 +423,8 @@ def test_orth_and_sparsity_cuda_resnet50(dtype, atol, rtol):
     grad = torch.tensor(0.5, device="cuda")
     leaves = [M.detach().clone().requires_grad_() for M in mats]
     expected = torch.autograd.grad(reference.orth_loss(leaves), leaves, grad)
-    for a, e in zip(IMPLS["orth_loss_backward"](grad, mats, residuals), expected):
+    got = _split(IMPLS["orth_loss_backward"](grad, mats, residuals), [M.shape for M in mats])
+    for a, e in zip(got, expected):
         _close(a, e, atol, rtol)
     svals = [torch.randn(M.shape[1], device="cuda").to(dtype) for M in mats[::2]]
     for kind in reference.SPARSITY_KINDS:
@@ -417,15 +436,17 @@ def test_orth_and_sparsity_cuda_resnet50(dtype, atol, rtol):
 def test_grouped_cuda_many_layers():
     shapes = [(16 * (1 + i % 4), 144 * (1 + i % 3), 16 * (1 + i % 4)) for i in range(40)]
     Us, ss, Vs = _grouped_inputs(torch.bfloat16, shapes, "cuda")
-    Ws = IMPLS["compose_grouped"](Us, ss, Vs)
+    shapes_W = [(U.shape[0], V.shape[0]) for U, V in zip(Us, Vs)]
+    Ws = _split(IMPLS["compose_grouped_packed"](Us, ss, Vs), shapes_W)
     for W, U, s, V in zip(Ws, Us, ss, Vs):
         _close(W, reference.compose(U.float(), s.float(), V.float()), 3e-2, 3e-2)
     grads = [torch.randn_like(W) for W in Ws]
-    dUs, dss, dVs = IMPLS["compose_grouped_backward"](grads, Us, ss, Vs)
-    for i in (0, 17, 39):
-        expected = IMPLS["compose_backward"](grads[i], Us[i], ss[i], Vs[i])
+    dUs, dss, dVs = _grouped_backward(grads, Us, ss, Vs)
+    for i in (0, 17, 39):  # against the reference, not the single-layer kernel
+        leaves = _leaves((Us[i], ss[i], Vs[i]), torch.bfloat16)
+        expected = torch.autograd.grad(reference.compose(*leaves), leaves, grads[i].float())
         for a, e in zip((dUs[i], dss[i], dVs[i]), expected):
-            _close(a.float(), e.float(), 3e-2, 3e-2)
+            _close(a.float(), e, 3e-2, 3e-2)
 
 
 @pytest.mark.cuda
@@ -472,9 +493,9 @@ def test_cuda_graph_capture_compose_and_grouped():
     def step():
         W = IMPLS["compose"](U, s, V)
         grads = IMPLS["compose_backward"](grad_W, U, s, V)
-        Ws = IMPLS["compose_grouped"](Us, ss, Vs)
+        Ws = IMPLS["compose_grouped_packed"](Us, ss, Vs)
         gWs = IMPLS["compose_grouped_backward"](Ws, Us, ss, Vs)
-        return W, grads, Ws, gWs
+        return W, grads, [Ws], gWs
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -490,8 +511,8 @@ def test_cuda_graph_capture_compose_and_grouped():
     graph.replay()
     torch.cuda.synchronize()
     eager = step()
-    flat_static = [static[0], *static[1], *static[2], *[t for group in static[3] for t in group]]
-    flat_eager = [eager[0], *eager[1], *eager[2], *[t for group in eager[3] for t in group]]
+    flat_static = [static[0], *static[1], *static[2], *static[3]]  # grouped: packed buffers
+    flat_eager = [eager[0], *eager[1], *eager[2], *eager[3]]
     for a, e in zip(flat_static, flat_eager):
         torch.testing.assert_close(a, e)
 

@@ -163,3 +163,13 @@ def test_target_flops_on_convs_needs_input_shape():
 
 def test_prune_is_exposed_at_top_level():
     assert callable(svdkern.prune) and svdkern.PruneReport.__name__ == "PruneReport"
+
+
+def test_multiple_of_rounds_a_rule_rank_above_the_multiple_up():
+    # s² = 1, 1, ..., 1 (10 ones) then tiny values: the rule keeps 10; multiple_of=8 gives 16,
+    # not 8 (rounding down would drop energy the rule asked to keep).
+    s = [1.0] * 10 + [1e-6] * 14
+    layer = _layer_with(s)
+    svdkern.prune(nn.Sequential(layer), energy=1e-3, multiple_of=8)
+    assert _expected_rank(torch.tensor(s), 1e-3) == 10
+    assert layer.rank == 16

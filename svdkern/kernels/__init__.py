@@ -2,9 +2,10 @@
 
 `IMPLS` maps each op name of `svdkern.ops.OP_NAMES` to its host launcher, which
 takes the op schema's positional arguments and returns the same structure;
-`svdkern.ops` registers them with torch.library. One file per op:
+`svdkern.ops` registers them with torch.library. The grouped launchers return
+packed buffers (one tensor per output, as the schemas declare). One file per op:
 
-    compose.py   compose, compose_backward, compose_grouped, compose_grouped_backward
+    compose.py   compose, compose_backward, compose_grouped_packed, compose_grouped_backward
     lowrank.py   lowrank_linear, lowrank_linear_forward, lowrank_linear_backward
     orth.py      orth_loss, orth_loss_forward, orth_loss_backward
     sparsity.py  sparsity_loss, sparsity_loss_backward
@@ -30,7 +31,7 @@ __all__ = ["IMPLS"]
 IMPLS: dict[str, Callable] = {
     "compose": compose_fwd,
     "compose_backward": compose_bwd,
-    "compose_grouped": compose_grouped_fwd,
+    "compose_grouped_packed": compose_grouped_fwd,
     "compose_grouped_backward": compose_grouped_bwd,
     "lowrank_linear": lowrank_linear_fwd,
     "lowrank_linear_forward": lowrank_linear_forward,
