@@ -49,7 +49,7 @@ def provenance(device: str | torch.device = "cpu") -> dict[str, str]:
         "torch": torch.__version__,
         "triton": triton_version,
         "git_sha": _git_sha(),
-        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 
 

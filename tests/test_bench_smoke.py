@@ -8,8 +8,21 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import INTERP_BUG, interpreter_skip_reason
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _probe_interpreter_in_subprocess() -> None:
+    """tests/conftest.py's interpreter probe under TRITON_INTERPRET=1 (read at import)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    code = "import conftest; conftest._probe_interpreter()"
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT / "tests", env=env, capture_output=True, text=True
+    )
+    if INTERP_BUG in out.stderr:
+        raise TypeError(INTERP_BUG)
 
 
 @pytest.mark.slow
@@ -38,6 +51,15 @@ def test_cpu_benchmarks_run_on_tiny_sizes(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("script", ["bench/bench_ops_gpu.py", "bench/bench_train_gpu.py"])
 def test_gpu_benchmark_scripts_run_on_tiny_sizes(script):
+    if script.endswith("ops_gpu.py"):  # its --smoke runs the kernels in the interpreter
+        import numpy as np
+        import triton
+
+        reason = interpreter_skip_reason(
+            triton.__version__, np.__version__, _probe_interpreter_in_subprocess
+        )
+        if reason is not None:
+            pytest.skip(reason)
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SVDKERN_BACKEND")}
     before = sorted((ROOT / "bench" / "results").glob("*.csv"))
     out = subprocess.run(
@@ -46,3 +68,45 @@ def test_gpu_benchmark_scripts_run_on_tiny_sizes(script):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "svdkern" in out.stdout
     assert sorted((ROOT / "bench" / "results").glob("*.csv")) == before
+
+
+def _rows(device="H100", date="2026-01-01T00:00:00Z", **groups):
+    """Result rows: groups maps a scenario to {provider: median_ms}."""
+    meta = {"device": device, "torch": "2.11", "triton": "3.6", "git_sha": "x", "date": date}
+    return [
+        {"scenario": s, "batch": "8", "dtype": "bf16", "provider": p, "median_ms": str(ms), **meta}
+        for s, times in groups.items()
+        for p, ms in times.items()
+    ]
+
+
+def test_report_headline_evaluates_targets_from_rows():
+    from bench.make_report import Target, evaluate, headline
+
+    rows = _rows(a={"svdkern": 1.0, "dense": 2.0, "trp": 30.0}, b={"svdkern": 3.0, "dense": 2.0})
+    rows += _rows(date="2025-01-01T00:00:00Z", a={"svdkern": 9.0, "dense": 1.0})  # older run
+    results = {"train_gpu": rows}
+    worst = Target("every model ≤ 1.1× dense", "train_gpu", {"dtype": "bf16"}, 1.1,
+                   baseline="dense", group_by=("scenario", "batch"))  # fmt: skip
+    (o,) = evaluate(worst, results)
+    assert (o.ratio, o.met, o.group, o.device, o.date) == (1.5, False, "b 8", "H100", "2026-01-01")
+    fast = Target("a ≥ 20× trp", "train_gpu", {"scenario": "a"}, 20.0, kind="speedup",
+                  baseline="trp")  # fmt: skip
+    (o,) = evaluate(fast, results)
+    assert o.ratio == 30.0 and o.met
+    absent = Target("x", "ops_gpu", {"op": "compose"}, 1.0, baseline="reference")
+    (o,) = evaluate(absent, results)
+    assert o.ratio is None
+    prefix = Target("b*", "train_gpu", {"scenario": "b*"}, 1.6, baseline="dense")
+    assert evaluate(prefix, results)[0].met
+    lines = headline(results, [worst, fast, absent])
+    assert "| every model ≤ 1.1× dense | 1.5× (worst: b 8) | **missed** | H100 |" in lines[2]
+    assert "| met |" in lines[3] and "| not measured |" in lines[4]
+
+
+def test_report_tables_have_the_fixed_columns():
+    from bench.make_report import result_table
+
+    lines = result_table(_rows(a={"dense": 2.0, "svdkern": 3.0}), "dense")
+    assert lines[0] == "| op | shape | dtype | provider | ms | ratio |"
+    assert lines[3] == "| train step | a batch=8 | bf16 | svdkern | 3 | 1.5 |"
