@@ -11,6 +11,13 @@ A scenario is a model, a batch and a dtype; a provider is how one optimizer step
     compiled-reference  the reference step's forward + losses under torch.compile
     trp                 dense weights, SVD of every layer every step (nuclear-norm
                         gradient, energy-rule truncation), as trained rank pruning does
+    dense-compiled      the dense step's forward + loss under torch.compile
+    svdkern-compiled    the svdkern step's forward + losses under torch.compile (each layer
+                        composes its own W inside the graph: no grouped compose)
+
+With rho < 1 every SVD layer is cut to rank max(1, round(rho·full rank)) before the step
+is built (svdkern providers: forms tuned by `svdkern.tune_forms` unless tune=False; the
+reference keeps compose-then-dense, the plain PyTorch way).
 
 `step_macs` gives the multiply-accumulates one step must do for each provider, so a
 measured time ratio can be set against the ideal ratio.
@@ -30,6 +37,10 @@ import svdkern
 from svdkern import ops
 
 PROVIDERS = ("dense", "svdkern", "reference", "compiled-reference", "trp")
+# The rank-cut training-step benchmark: dense (eager, compiled) and, per rho, these three.
+RANK_PROVIDERS = ("svdkern", "svdkern-compiled", "compiled-reference")
+DENSE_PROVIDERS = ("dense", "dense-compiled")
+ALL_PROVIDERS = (*PROVIDERS, "dense-compiled", "svdkern-compiled")
 LAMBDA_ORTH, LAMBDA_SPARSITY, TRP_NUCLEAR, TRP_ENERGY = 1.0, 0.07, 1e-4, 1e-3
 
 
@@ -110,15 +121,25 @@ def _trp_update(layers: list[nn.Module]) -> None:
         layer.weight.copy_(((U[:, :k] * s[:k]) @ Vh[:k]).view_as(layer.weight))
 
 
+def cut_ranks(model: nn.Module, rho: float) -> None:
+    """Cut every SVD layer to rank max(1, round(rho · full rank)), keeping the largest |s|."""
+    for module in model.modules():
+        if isinstance(module, (svdkern.SVDLinear, svdkern.SVDConv2d)):
+            module.prune_(max(1, min(module.rank, round(rho * module.full_rank))))
+
+
 def make_step(
     sc: Scenario,
     provider: str,
     device: str | torch.device = "cpu",
     compile_backend: str = "inductor",
+    rho: float = 1.0,
+    tune: bool = False,
 ) -> Callable[[], None]:
-    """A zero-argument callable taking one Adam step of `provider` on scenario `sc`."""
-    if provider not in PROVIDERS:
-        raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
+    """A zero-argument callable taking one Adam step of `provider` on scenario `sc`, with
+    SVD layers at rank fraction `rho` and (svdkern providers, `tune`) measured forms."""
+    if provider not in ALL_PROVIDERS:
+        raise ValueError(f"provider must be one of {ALL_PROVIDERS}, got {provider!r}")
     device = torch.device(device)
     torch.manual_seed(0)
     model = sc.build().to(device)
@@ -126,9 +147,14 @@ def make_step(
     y = torch.randint(0, sc.classes, (sc.batch,), device=device)
 
     reference = provider in ("reference", "compiled-reference")
+    ours = provider in ("svdkern", "svdkern-compiled")
     reg = None
-    if provider in ("svdkern", "reference", "compiled-reference"):
+    if ours or reference:
         _decomposed(model, "compose" if reference else "auto")
+        if rho < 1.0:
+            cut_ranks(model, rho)
+        if ours and tune:
+            svdkern.tune_forms(model, x, training=True)
         reg = svdkern.SVDRegularizer(
             model, orth=LAMBDA_ORTH, sparsity="hoyer", strength=LAMBDA_SPARSITY
         )
@@ -145,7 +171,7 @@ def make_step(
             loss = F.cross_entropy(model(x), y)
         return loss if reg is None else loss + reg(model)["total"]
 
-    if provider == "compiled-reference":
+    if provider in ("compiled-reference", "dense-compiled", "svdkern-compiled"):
         loss_fn = torch.compile(loss_fn, backend=compile_backend)
 
     def step() -> None:
@@ -181,7 +207,7 @@ def _layer_shapes(sc: Scenario) -> list[tuple[int, int, int]]:
     return shapes
 
 
-def step_macs(sc: Scenario) -> dict[str, float]:
+def step_macs(sc: Scenario, rho: float = 1.0) -> dict[str, float]:
     """Multiply-accumulates of one training step of the decomposable layers, per provider.
 
     dense:    3·B·m·n per layer (forward, grad input, grad weight).
@@ -191,15 +217,23 @@ def step_macs(sc: Scenario) -> dict[str, float]:
               orth:         per factor M (k×r) a symmetric Gram k·r²/2 and its backward
                             k·r² (M·(MᵀM − I)), i.e. 1.5·(m + n)·r² per layer.
     reference: compose form always, orth as autograd does it: Gram k·r² + backward 2·k·r².
+    At rank fraction rho, r = max(1, round(rho·min(m, n))).
     The ideal ratio of svdkern to dense is svdkern / dense. Other layers (the classifier,
     batch norm, activations) are left out on both sides.
     """
     dense = svd = ref = 0.0
     for rows, m, n in _layer_shapes(sc):
-        r = min(m, n)
+        r = max(1, round(rho * min(m, n)))
         dense += 3 * rows * m * n
         compose_form = 3 * rows * m * n + 3 * m * n * r
         chain_form = 3 * rows * r * (m + n)
         svd += min(compose_form, chain_form) + 1.5 * (m + n) * r * r
         ref += compose_form + 3 * (m + n) * r * r
-    return {"dense": dense, "svdkern": svd, "reference": ref, "compiled-reference": ref}
+    return {
+        "dense": dense,
+        "dense-compiled": dense,
+        "svdkern": svd,
+        "svdkern-compiled": svd,
+        "reference": ref,
+        "compiled-reference": ref,
+    }

@@ -13,6 +13,7 @@ from svdkern.nn import SVDConv2d, SVDLinear, grouped_compose
 from svdkern.ops import backend
 from svdkern.prune import PruneReport, prune
 from svdkern.regularize import SVDRegularizer
+from svdkern.tune import TuneReport, clear_tune_cache, tune_forms
 
 __version__ = "0.1.0"
 
@@ -22,8 +23,10 @@ __all__ = [
     "SVDConv2d",
     "SVDLinear",
     "SVDRegularizer",
+    "TuneReport",
     "__version__",
     "backend",
+    "clear_tune_cache",
     "compress",
     "decompose",
     "flops",
@@ -31,4 +34,5 @@ __all__ = [
     "load_state_dict",
     "ops",
     "prune",
+    "tune_forms",
 ]

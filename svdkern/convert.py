@@ -24,7 +24,7 @@ from svdkern.nn import DECOMPOSITIONS, SVDConv2d, SVDLinear, _svd_layers
 __all__ = ["compress", "decompose", "load_state_dict"]
 
 Skip = Iterable[str] | Callable[[str, nn.Module], bool] | None
-POLICIES = ("flops", "lowrank", "dense")
+POLICIES = ("flops", "latency", "lowrank", "dense")
 
 
 def _skip_predicate(model: nn.Module, skip: Skip) -> Callable[[str, nn.Module], bool]:
@@ -106,8 +106,44 @@ def decompose(model: nn.Module, decomposition: str = "channel", skip: Skip = Non
     return model
 
 
+def _shapes(input_shape) -> list[tuple[int, ...]]:
+    """One input shape or a list of them, as a list of int tuples."""
+    if input_shape and all(isinstance(d, int) and not isinstance(d, bool) for d in input_shape):
+        return [tuple(input_shape)]
+    if input_shape and all(
+        isinstance(s, Sequence) and s and all(isinstance(d, int) for d in s) for s in input_shape
+    ):
+        return [tuple(s) for s in input_shape]
+    raise ValueError(
+        "input_shape must be one input shape, e.g. (1, 3, 32, 32), or a list of them, e.g. "
+        f"[(1, 3, 32, 32), (256, 3, 32, 32)]; got {input_shape!r}"
+    )
+
+
+def _latency_forms(model: nn.Module, input_shape) -> dict[str, bool]:
+    """{layer name: deploy the low-rank pair?} from measured forward times (tune_forms with
+    training=False) at every given input shape: the pair only where it is faster at all."""
+    from svdkern.tune import tune_forms
+
+    if input_shape is None:
+        raise ValueError(
+            "policy='latency' needs input_shape (one shape or a list, e.g. [(1, 3, 32, 32), "
+            "(256, 3, 32, 32)]): forms are timed at the inputs the model will see"
+        )
+    first = next(iter(model.parameters()), None)
+    factory = {"device": first.device, "dtype": first.dtype} if first is not None else {}
+    lowrank: dict[str, bool] = {}
+    for shape in _shapes(input_shape):
+        report = tune_forms(model, torch.randn(shape, **factory), training=False)
+        for lay in report.layers:
+            lowrank[lay.name] = lowrank.get(lay.name, True) and lay.form == "lowrank"
+    return lowrank
+
+
 def compress(
-    model: nn.Module, policy: str = "flops", input_shape: Sequence[int] | None = None
+    model: nn.Module,
+    policy: str = "flops",
+    input_shape: Sequence[int] | Sequence[Sequence[int]] | None = None,
 ) -> nn.Module:
     """A new model (deep copy) in which every SVD layer is a plain torch module.
 
@@ -119,10 +155,15 @@ def compress(
     Args:
         model: a model with SVD layers (left unchanged).
         policy: "flops" (low-rank pair where it costs fewer MACs than dense, else dense),
-            "lowrank" (always the pair) or "dense" (always one dense layer).
+            "latency" (low-rank pair where its forward was measured faster than the dense
+            layer on the model's device at every input_shape, see `svdkern.tune_forms`;
+            layers never called stay dense), "lowrank" (always the pair) or "dense"
+            (always one dense layer).
         input_shape: input shape for the MAC comparison of policy "flops" (see
             `svdkern.flops`); without it, the comparison is per output element (exact
             for Linear and channel convs; spatial convs assume W_in = stride·W_out).
+            Policy "latency" needs it and also takes a list of shapes (e.g. batch 1 and
+            batch 256) to be fast at all of them.
     Returns:
         the new model; outputs equal the SVD model's up to float rounding.
 
@@ -130,16 +171,20 @@ def compress(
 
         deployable = svdkern.compress(model, input_shape=(1, 3, 32, 32))
         torch.jit.script(deployable)
+        fast = svdkern.compress(model, "latency", [(1, 3, 32, 32), (256, 3, 32, 32)])
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     shapes = (
         _layer_inputs(model, input_shape) if policy == "flops" and input_shape is not None else {}
     )
+    measured = _latency_forms(model, input_shape) if policy == "latency" else {}
     new = copy.deepcopy(model)
     plain: dict[int, nn.Module] = {}
     for (name, layer), (_, twin) in zip(_svd_layers(model), _svd_layers(new), strict=True):
-        if policy == "flops":
+        if policy == "latency":
+            lowrank = measured.get(name, False)
+        elif policy == "flops":
             lowrank = _lowrank_is_cheaper(layer, shapes.get(name))
         else:
             lowrank = policy == "lowrank"

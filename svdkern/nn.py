@@ -79,6 +79,7 @@ class _SVDBase(nn.Module):
     _grouped_matrix: torch.Tensor | None = None
 
     def _make_parameters(self, rank: int | None, bias_size: int | None, factory) -> None:
+        self._forms: dict[tuple[bool, tuple[int, ...]], bool] = {}
         full = min(self._m, self._n)
         if rank is None:
             rank = full
@@ -107,7 +108,8 @@ class _SVDBase(nn.Module):
 
     @property
     def mode(self) -> str:
-        """Forward path: "auto" (cheaper by the MAC cost model), "compose" or "chain"."""
+        """Forward path: "auto" (the form fixed by `set_form` / `svdkern.tune_forms` for
+        the input shape, else the cheaper by the MAC cost model), "compose" or "chain"."""
         return self._mode
 
     @mode.setter
@@ -126,14 +128,33 @@ class _SVDBase(nn.Module):
         """(dense MACs, chain MACs at `rank`, default the current rank) for one input shape."""
         raise NotImplementedError
 
+    def _geometry(self) -> tuple:
+        """Everything but the rank that fixes the cost of a forward (the tuning cache key)."""
+        raise NotImplementedError
+
     def _use_chain(self, input_shape: Sequence[int]) -> bool:
         if self._mode != "auto":
             chain = self._mode == "chain"
         else:
-            dense, chain_macs = self._macs(input_shape)
-            chain = chain_macs <= self._m * self._n * self.rank + dense
+            # A form measured by `svdkern.tune_forms` for this rank, input shape and
+            # train/eval state wins; otherwise the MAC rule.
+            chain = self._forms.get((self.training, tuple(input_shape)))
+            if chain is None:
+                dense, chain_macs = self._macs(input_shape)
+                chain = chain_macs <= self._m * self._n * self.rank + dense
         self._last_chain = chain
         return chain
+
+    def set_form(self, input_shape: Sequence[int], chain: bool, training: bool = True) -> None:
+        """Fix the path `mode="auto"` takes for inputs of `input_shape` at the current rank
+        (in training or eval mode); `svdkern.tune_forms` sets it from measured times.
+        A rank change forgets every fixed form."""
+        self._forms[(bool(training), tuple(int(d) for d in input_shape))] = bool(chain)
+
+    @property
+    def forms(self) -> dict[tuple[bool, tuple[int, ...]], bool]:
+        """Fixed forms: {(training, input_shape): chain?} (empty: the MAC rule decides)."""
+        return dict(self._forms)
 
     def _matrix(self) -> torch.Tensor:
         """W = U·diag(s)·Vᵀ as a matrix: from `grouped_compose` inside its block, else composed."""
@@ -195,20 +216,29 @@ class _SVDBase(nn.Module):
         return idx
 
     @torch.no_grad()
-    def prune_(self, keep) -> _SVDBase:
+    def prune_(self, keep, optimizer: torch.optim.Optimizer | None = None) -> _SVDBase:
         """Keep some singular triplets and drop the rest physically (U, s, V sliced).
 
         Args:
             keep: int k (keep the k largest |s|, in their current order), a 1-D index
                 tensor, or a bool mask of shape (rank,).
+            optimizer: an optimizer holding U, s, V: its per-parameter state (Adam's
+                exp_avg / exp_avg_sq / max_exp_avg_sq, SGD's momentum_buffer, ...) is
+                sliced to the kept columns and moved, with scalar entries such as
+                Adam's step, to the new parameters, which replace the old ones in its
+                param groups. Training then goes on exactly as if the model had been
+                built at the new rank with that state.
         Returns:
-            self. The parameters are new tensors: rebuild optimizers afterwards.
+            self. U, s, V are new Parameters: without `optimizer`, rebuild optimizers.
         """
         idx = self._keep_indices(keep)
-        for name in ("U", "V"):
+        for name, dim in (("U", 1), ("s", 0), ("V", 1)):
             old = getattr(self, name)
-            setattr(self, name, nn.Parameter(old[:, idx].clone(), old.requires_grad))
-        self.s = nn.Parameter(self.s[idx].clone(), self.s.requires_grad)
+            new = nn.Parameter(old.index_select(dim, idx), old.requires_grad)
+            if optimizer is not None:
+                _move_optimizer_state(optimizer, old, new, idx, dim)
+            setattr(self, name, new)
+        self._forms.clear()
         return self
 
     @torch.no_grad()
@@ -217,6 +247,7 @@ class _SVDBase(nn.Module):
         for name, shape in (("U", (self._m, rank)), ("s", (rank,)), ("V", (self._n, rank))):
             old = getattr(self, name)
             setattr(self, name, nn.Parameter(old.new_empty(shape), old.requires_grad))
+        self._forms.clear()
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -319,6 +350,9 @@ class SVDLinear(_SVDBase):
     def _weight_from_matrix(self, W: torch.Tensor) -> torch.Tensor:
         return W
 
+    def _geometry(self) -> tuple:
+        return ("linear", self._m, self._n, self.bias is not None)
+
     def _macs(self, input_shape: Sequence[int], rank: int | None = None) -> tuple[int, int]:
         r = self.rank if rank is None else rank
         rows = math.prod(input_shape[:-1])
@@ -357,6 +391,46 @@ class SVDLinear(_SVDBase):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"{self._rank_repr()}, bias={self.bias is not None}"
         )
+
+
+def _move_optimizer_state(
+    optimizer: torch.optim.Optimizer,
+    old: nn.Parameter,
+    new: nn.Parameter,
+    idx: torch.Tensor,
+    dim: int,
+) -> None:
+    """Put `new` in `old`'s place in `optimizer`: its param-group slot, and its state with
+    every tensor of `old`'s shape sliced by `idx` along `dim` (0-dim entries such as a
+    step count are kept as they are)."""
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+        )
+    slots = [
+        (group, i)
+        for group in optimizer.param_groups
+        for i, p in enumerate(group["params"])
+        if p is old
+    ]
+    if not slots:
+        return
+    state = optimizer.state.pop(old, None)
+    if state:
+        moved = {}
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.shape == old.shape:
+                value = value.index_select(dim, idx.to(value.device))
+            elif isinstance(value, torch.Tensor) and value.dim() > 0:
+                raise ValueError(
+                    f"optimizer state {key!r} of a parameter of shape {list(old.shape)} has "
+                    f"shape {list(value.shape)}; only per-element state (same shape) and "
+                    "scalars can be sliced to a new rank: rebuild this optimizer after pruning"
+                )
+            moved[key] = value
+        optimizer.state[new] = moved
+    for group, i in slots:
+        group["params"][i] = new
 
 
 def _conv_out(size: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
@@ -533,6 +607,19 @@ class SVDConv2d(_SVDBase):
         ph, pw = self._pad
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
         return _conv_out(h, kh, sh, ph, dh), _conv_out(w, kw, sw, pw, dw)
+
+    def _geometry(self) -> tuple:
+        return (
+            "conv",
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.decomposition,
+            self.bias is not None,
+        )
 
     def _macs(self, input_shape: Sequence[int], rank: int | None = None) -> tuple[int, int]:
         r = self.rank if rank is None else rank

@@ -52,7 +52,7 @@ class PruneReport:
     `svdkern.flops`) when they could be counted, else None.
     """
 
-    energy: float
+    energy: float | None
     target_flops: float | None
     multiple_of: int | None
     dense_macs: int | None
@@ -88,7 +88,11 @@ class PruneReport:
         ]
         rows.append(("total", "", "", "", num(self.macs_before), num(self.macs_after)))
         ratio = self.flops_ratio
-        lines = [f"energy threshold ε = {self.energy:.6g}"]
+        lines = [
+            "ranks given per layer"
+            if self.energy is None
+            else f"energy threshold ε = {self.energy:.6g}"
+        ]
         if ratio is not None:
             lines.append(f"MACs after / dense = {ratio:.2%}")
         return _table(header, rows) + "\n" + "; ".join(lines)
@@ -110,11 +114,11 @@ def _rank_for(cum: torch.Tensor, energy: float, multiple_of: int | None, cap: in
     return k
 
 
-def _check_args(energy, target_flops, multiple_of) -> None:
-    if (energy is None) == (target_flops is None):
+def _check_args(energy, target_flops, multiple_of, ranks) -> None:
+    if (energy is not None) + (target_flops is not None) + (ranks is not None) != 1:
         raise ValueError(
-            f"pass exactly one of energy and target_flops, got energy={energy!r}, "
-            f"target_flops={target_flops!r}"
+            f"pass exactly one of energy, target_flops and ranks, got energy={energy!r}, "
+            f"target_flops={target_flops!r}, ranks={ranks!r}"
         )
     if energy is not None and (
         isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 <= energy < 1
@@ -159,13 +163,34 @@ class _Costs:
         return self.fixed + sum(self.layer(name, r) for name, r in ranks.items())
 
 
+def _check_ranks(ranks, caps: dict[str, int]) -> dict[str, int]:
+    if not isinstance(ranks, dict):
+        raise TypeError(f"ranks must be a dict {{layer name: rank}}, got {type(ranks).__name__}")
+    unknown = sorted(set(ranks) - set(caps))
+    if unknown:
+        raise ValueError(
+            f"ranks names layers that are not SVD layers of the model: {unknown}; known: "
+            f"{sorted(caps)}"
+        )
+    for name, k in ranks.items():
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= caps[name]:
+            raise ValueError(
+                f"ranks[{name!r}] must be an int in [1, {caps[name]}] (the layer's current "
+                f"rank), got {k!r}"
+            )
+    return {name: ranks.get(name, cap) for name, cap in caps.items()}
+
+
 def prune(
     model: nn.Module,
     energy: float | None = None,
     *,
     target_flops: float | None = None,
+    ranks: dict[str, int] | None = None,
     input_shape: Sequence[int] | None = None,
     multiple_of: int | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    dry_run: bool = False,
 ) -> PruneReport:
     """Prune the singular values of every SVD layer of `model` in place.
 
@@ -176,29 +201,46 @@ def prune(
             is found by bisection: the smallest ε whose compressed model (every SVD layer
             in the cheaper of chain and dense form, counted as `svdkern.flops` does,
             including the layers that stay dense) costs ≤ target_flops · dense MACs.
+        ranks: {layer name: k} (names as in `model.named_modules()`): keep the k largest
+            |s| of those layers; layers not named keep their rank. Taken as given
+            (multiple_of does not apply).
     Args:
         input_shape: shape of one input batch; needed to count convs (for target_flops,
             and for the MAC columns of the report). Without it Linear layers count one row.
         multiple_of: round every kept rank up to a multiple of this (capped at the
-            layer's current rank), e.g. 8 for tensor cores.
+            layer's current rank), e.g. 8 for tensor cores, or to bound the number of
+            distinct shapes torch.compile sees when ranks are cut during training.
+        optimizer: the optimizer training the model, to cut ranks mid-training: each
+            pruned layer's optimizer state (Adam/AdamW exp_avg, exp_avg_sq, step, SGD
+            momentum, ...) is sliced to the kept triplets and moved to the new
+            parameters, which replace the old ones in its param groups (see
+            `SVDLinear.prune_`). Rebuild a DistributedDataParallel wrapper afterwards.
+        dry_run: only compute the report (ranks the rule would keep); change nothing.
+            Under DDP, decide ranks once (e.g. dry_run on process 0, broadcast
+            `{l.name: l.rank_after}`) and apply them everywhere with `ranks=`.
     Returns:
         PruneReport (per layer: name, shape, rank before/after, energy kept, MACs
         before/after; `str(report)` is a table, `report.to_dict()` a dict).
-        The pruned layers hold new Parameters: rebuild optimizers afterwards.
+        Without `optimizer` the pruned layers hold new Parameters: rebuild optimizers.
     Raises:
-        ValueError naming energy / target_flops / multiple_of when out of range, or
+        ValueError naming energy / target_flops / ranks / multiple_of when out of range, or
         target_flops when even rank 1 everywhere cannot reach it.
 
     Example::
 
         report = svdkern.prune(model, target_flops=0.3, input_shape=(1, 3, 32, 32))
+        svdkern.prune(model, energy=1e-4, optimizer=opt, multiple_of=4)   # mid-training
+        svdkern.prune(model, ranks={"layers.0.0.conv1": 8}, optimizer=opt)
     """
-    _check_args(energy, target_flops, multiple_of)
+    _check_args(energy, target_flops, multiple_of, ranks)
     layers = _svd_layers(model)
     cums = {name: _sorted_energy(layer.s) for name, layer in layers}
     caps = {name: layer.rank for name, layer in layers}
+    given = None if ranks is None else _check_ranks(ranks, caps)
 
     def ranks_at(eps: float) -> dict[str, int]:
+        if given is not None:
+            return given
         return {name: _rank_for(cums[name], eps, multiple_of, caps[name]) for name in cums}
 
     costs = None
@@ -209,16 +251,16 @@ def prune(
             raise
     if target_flops is not None:
         energy = _search_energy(costs, ranks_at, target_flops)
-    ranks = ranks_at(energy)
-
-    report = PruneReport(float(energy), target_flops, multiple_of, None, None, None)
+    kept_ranks = ranks_at(energy)
+    energy = None if energy is None else float(energy)
+    report = PruneReport(energy, target_flops, multiple_of, None, None, None)
     if costs is not None:
         report.dense_macs = costs.dense
         report.macs_before = costs.total(caps)
-        report.macs_after = costs.total(ranks)
+        report.macs_after = costs.total(kept_ranks)
     for name, layer in layers:
         cum = cums[name]
-        k = ranks[name]
+        k = kept_ranks[name]
         total = float(cum[-1])
         kept = float(cum[k - 1]) / total if total > 0 else 1.0
         before = after = None
@@ -235,8 +277,8 @@ def prune(
                 after,
             )
         )
-        if k < layer.rank:
-            layer.prune_(k)
+        if k < layer.rank and not dry_run:
+            layer.prune_(k, optimizer=optimizer)
     return report
 
 

@@ -37,9 +37,12 @@ class SVDRegularizer:
 
     `reg(model)` (or `reg()` for the model given here) returns a dict of scalars
     `{"orth", "sparsity", "total"}`: `orth` and `sparsity` are the unweighted sums over
-    layers, `total = orth·λ_o + strength·sparsity`. They are computed in fp32 with
-    autocast disabled (fp64 for an fp64 model); `sparsity` is 0 when `sparsity=None`.
-    Layers are collected at every call, so pruned (re-shaped) layers are picked up.
+    layers, `total = orth_scale·λ_o·orth + strength·sparsity`. `orth_scale` (default 1)
+    amortizes the orthogonality term: `orth_scale=k` every k-th step and `orth_scale=0`
+    (the Grams are then not computed; `orth` is returned as 0) on the others. They are
+    computed in fp32 with autocast disabled (fp64 for an fp64 model); `sparsity` is 0
+    when `sparsity=None`. Layers are collected at every call, so pruned (re-shaped)
+    layers are picked up.
 
     Example::
 
@@ -68,19 +71,24 @@ class SVDRegularizer:
             )
         self.model = model
 
-    def __call__(self, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, model: nn.Module | None = None, orth_scale: float = 1.0
+    ) -> dict[str, torch.Tensor]:
         layers = [layer for _, layer in _svd_layers(self.model if model is None else model)]
         if not layers:
             raise ValueError("model has no SVD layers (SVDLinear / SVDConv2d)")
         param = layers[0].s
         dtype = torch.float64 if param.dtype == torch.float64 else torch.float32
         with torch.autocast(param.device.type, enabled=False):
-            orth = ops.orth_loss([m.U for m in layers] + [m.V for m in layers]).to(dtype)
+            if orth_scale == 0:
+                orth = torch.zeros((), dtype=dtype, device=param.device)
+            else:
+                orth = ops.orth_loss([m.U for m in layers] + [m.V for m in layers]).to(dtype)
             if self.sparsity is None:
                 sparsity = torch.zeros((), dtype=dtype, device=param.device)
             else:
                 sparsity = ops.sparsity_loss([m.s for m in layers], self.sparsity).to(dtype)
-        total = orth * self.orth + sparsity * self.strength
+        total = orth * (self.orth * orth_scale) + sparsity * self.strength
         return {"orth": orth, "sparsity": sparsity, "total": total}
 
     def __repr__(self) -> str:

@@ -131,7 +131,7 @@ def test_decompose_keeps_shared_modules_shared():
     assert model[0] is model[2] and isinstance(model[0], SVDLinear)
 
 
-@pytest.mark.parametrize("policy", ["flops", "lowrank", "dense"])
+@pytest.mark.parametrize("policy", ["flops", "latency", "lowrank", "dense"])
 @pytest.mark.parametrize("decomposition", ["channel", "spatial"])
 def test_compress_after_pruning_equals_svd_model(decomposition, policy):
     model = svdkern.decompose(_resnet(), decomposition)
@@ -153,6 +153,39 @@ def test_compress_flops_policy_picks_dense_where_lowrank_costs_more():
     plain = svdkern.compress(model)
     assert type(plain[0]) is nn.Linear  # rank 16: 16·32 MACs > 16·16
     assert isinstance(plain[1], nn.Sequential)  # rank 2: 2·32 < 16·16
+
+
+def _fake_measure(lowrank_faster: dict[tuple[int, int], bool]):
+    """A stand-in for the timer: the low-rank pair is faster exactly for the listed
+    (rank, batch) pairs (the timer itself is tested in test_tune.py)."""
+
+    def measure(layer, shape, dtype, input_grad, training, repeats):
+        assert not training
+        fast = lowrank_faster.get((layer.rank, shape[0]), False)
+        return {"dense": 1.0, "lowrank": 0.5 if fast else 0.97}  # 3% faster is not enough
+
+    return measure
+
+
+def test_compress_latency_policy_deploys_the_pair_only_where_it_is_faster_at_every_batch(
+    monkeypatch,
+):
+    svdkern.clear_tune_cache()
+    model = nn.Sequential(SVDLinear(16, 16, rank=2), SVDLinear(16, 16, rank=3))
+    faster = {(2, 1): True, (2, 8): True, (3, 1): True, (3, 8): False}
+    monkeypatch.setattr(svdkern.tune, "_measure", _fake_measure(faster))
+    plain = svdkern.compress(model, "latency", [(1, 16), (8, 16)])
+    assert isinstance(plain[0], nn.Sequential)  # faster at batch 1 and 8
+    assert type(plain[1]) is nn.Linear  # slower at batch 8
+    single = svdkern.compress(model, "latency", (1, 16))
+    assert isinstance(single[1], nn.Sequential)
+    svdkern.clear_tune_cache()
+
+
+@pytest.mark.parametrize("shape", [None, (1, "a"), [(1, 16), 3]], ids=["none", "str", "mixed"])
+def test_compress_latency_policy_needs_input_shapes(shape):
+    with pytest.raises(ValueError, match="input_shape"):
+        svdkern.compress(nn.Sequential(SVDLinear(16, 16)), "latency", shape)
 
 
 def test_compress_rejects_unknown_policy():

@@ -14,14 +14,13 @@ import argparse
 import datetime
 import itertools
 import math
+import tomllib
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 DATASETS = ("digits", "cifar10", "synthetic")
 MODELS = ("mlp", "cnn", "resnet20", "resnet32", "resnet56", "resnet110", "resnet18")
-METHODS = ("svd", "dense", "posthoc", "trp")
+METHODS = ("svd", "svd-adaptive", "dense", "posthoc", "trp")
 SPARSITY = ("l1", "hoyer", "hoyer_square")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("step", "cosine", "constant")
@@ -37,6 +36,7 @@ _DATA_DEFAULTS: dict[str, dict[str, Any]] = {
         "batch_size": 64,
         "strength": {"l1": 0.4, "hoyer": 0.1, "hoyer_square": 0.03},
         "energy": 0.01,
+        "tune_forms": False,
     },
     "cifar10": {
         "model": "resnet20",
@@ -46,6 +46,7 @@ _DATA_DEFAULTS: dict[str, dict[str, Any]] = {
         "batch_size": 100,
         "strength": {"l1": 0.3, "hoyer": 0.07, "hoyer_square": 0.02},
         "energy": 1e-3,
+        "tune_forms": True,
     },
     "synthetic": {
         "model": "mlp",
@@ -55,6 +56,7 @@ _DATA_DEFAULTS: dict[str, dict[str, Any]] = {
         "batch_size": 32,
         "strength": {"l1": 0.4, "hoyer": 0.1, "hoyer_square": 0.03},
         "energy": 0.01,
+        "tune_forms": False,
     },
 }
 
@@ -190,11 +192,64 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         choices=METHODS,
         default="svd",
         help="svd: dense → decompose → SVD training → prune → fine-tune (the default; also runs "
-        "posthoc unless --no-baselines); dense: dense training only; posthoc: truncated SVD "
-        "of the dense model + fine-tune; trp: trained rank pruning + fine-tune",
+        "posthoc unless --no-baselines); svd-adaptive: SVD training from a fresh SVD model "
+        "(or --init) with rank cuts every --cut-every epochs, then prune + fine-tune, in "
+        "as many epochs as dense training (dense is still trained as the baseline); "
+        "dense: dense training only; posthoc: truncated SVD of the dense model + fine-tune; "
+        "trp: trained rank pruning + fine-tune",
     )
     g.add_argument(
-        "--no-baselines", action="store_true", help="with --method svd: skip the posthoc baseline"
+        "--no-baselines",
+        action="store_true",
+        help="with --method svd or svd-adaptive: skip the posthoc baseline",
+    )
+    g.add_argument(
+        "--cut-every",
+        type=_pos_int,
+        default=2,
+        help="svd-adaptive: cut ranks by the energy rule with --cut-energy every this many "
+        "epochs of SVD training (default 2; every epoch cuts more often for no better "
+        "accuracy or MACs on digits)",
+    )
+    g.add_argument(
+        "--cut-energy",
+        type=_float_in("--cut-energy", 0.0, 1.0),
+        default=0.05,
+        help="svd-adaptive: ε of the cuts during SVD training, in (0, 1) (default 0.05: on "
+        "digits 1e-3 to 0.01 leave 1.0-1.3× fewer MACs, 0.05 2.4× at dense accuracy − 0.3 pt; "
+        "the final cut before fine-tuning uses --energy / --target-flops)",
+    )
+    g.add_argument(
+        "--tune-forms",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time each SVD layer's forms (compose vs low-rank chain) at the start of every "
+        "SVD phase and after every rank cut, and run the faster (default: on for "
+        "svd-adaptive on cifar10; off otherwise, where the MAC rule picks: on the tiny "
+        "digits models a tuning costs more than the forms it finds save)",
+    )
+    g.add_argument(
+        "--orth-every",
+        type=_pos_int,
+        default=1,
+        help="compute the orthogonality loss every this many steps, weighted λ_o × this "
+        "(amortizes its Gram matrices; default 1 = every step, the paper's recipe)",
+    )
+    g.add_argument(
+        "--compress-policy",
+        choices=("latency", "flops", "lowrank", "dense"),
+        default="latency",
+        help="how the final model is deployed (svdkern.compress): latency = per layer the "
+        "low-rank pair only where it was measured faster than the dense layer at batch 1 "
+        "and the latency batch; flops = where it has fewer MACs (default latency)",
+    )
+    g.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        metavar="BACKEND",
+        help="train with torch.compile(model, backend=BACKEND) (default backend inductor); "
+        "a rank cut recompiles once (--multiple-of bounds the distinct ranks)",
     )
     g.add_argument(
         "--init",
@@ -267,7 +322,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--svd-epochs",
         type=_nonneg_int,
-        help="epochs of SVD (or TRP) training (default 30 digits, 164 cifar10)",
+        help="epochs of SVD (or TRP) training (default 30 digits, 164 cifar10; svd-adaptive: "
+        "the dense epochs minus --finetune-epochs)",
     )
     g.add_argument(
         "--finetune-epochs",
@@ -364,9 +420,15 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     """Fill the per-data-set defaults; returns the run's configuration as a plain dict."""
     cfg = {k: v for k, v in vars(args).items() if k not in ("command",)}
     defaults = _DATA_DEFAULTS[cfg["data"]]
+    adaptive_svd = cfg.get("svd_epochs") is None and cfg["method"] == "svd-adaptive"
     for key in ("model", "dense_epochs", "svd_epochs", "finetune_epochs", "batch_size"):
         if cfg.get(key) is None:
             cfg[key] = defaults[key]
+    if adaptive_svd:
+        # SVD training and fine-tuning together take as many epochs as dense training.
+        cfg["svd_epochs"] = max(cfg["dense_epochs"] - cfg["finetune_epochs"], 0)
+    if cfg.get("tune_forms") is None:
+        cfg["tune_forms"] = cfg["method"] == "svd-adaptive" and defaults["tune_forms"]
     if cfg["strength"] is None:
         cfg["strength"] = defaults["strength"][cfg["sparsity"]]
     if cfg["energy"] is None and cfg["target_flops"] is None:

@@ -4,6 +4,11 @@ A run is a list of phases, each trained for some epochs with a fresh optimizer a
 LR schedule and ending in a model file in the run directory:
 
     method svd:      dense → svd (λ_o, λ_s) → finetune (pruned; λ_o only) [→ posthoc]
+    method svd-adaptive:
+                     dense (the baseline) → adaptive (a fresh SVD model, or --init
+                     decomposed; λ_o, λ_s; ranks cut by the energy rule with --cut-energy
+                     every --cut-every epochs, optimizer state sliced, forms re-tuned)
+                     → adaptive_finetune (pruned by --energy; λ_o only) [→ posthoc]
     method dense:    dense
     method posthoc:  dense → posthoc (truncated SVD of dense; λ_o only)
     method trp:      dense → trp (dense weights, truncated every k steps, nuclear norm)
@@ -19,6 +24,7 @@ layers resized to the pruned ranks) and goes on. The data order depends only on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -60,6 +66,7 @@ class Phase:
     svd: bool  # trains SVD layers (regularizer applies)
     sparsity: bool  # λ_s on (else only λ_o)
     trp: bool = False
+    cuts: bool = False  # ranks cut every --cut-every epochs
 
 
 PHASES = {
@@ -69,10 +76,32 @@ PHASES = {
     "posthoc": Phase("posthoc", "finetune_epochs", "posthoc", svd=True, sparsity=False),
     "trp": Phase("trp", "svd_epochs", "trp_trained", svd=False, sparsity=False, trp=True),
     "trp_finetune": Phase("trp_finetune", "finetune_epochs", "trp", svd=True, sparsity=False),
+    "adaptive": Phase("adaptive", "svd_epochs", "adaptive_svd", svd=True, sparsity=True, cuts=True),
+    "adaptive_finetune": Phase(
+        "adaptive_finetune", "finetune_epochs", "adaptive", svd=True, sparsity=False
+    ),
 }
 
 # The result whose compressed form is the run's deliverable, per method.
-FINAL = {"svd": "pruned", "dense": "dense", "posthoc": "posthoc", "trp": "trp"}
+FINAL = {
+    "svd": "pruned",
+    "svd-adaptive": "adaptive",
+    "dense": "dense",
+    "posthoc": "posthoc",
+    "trp": "trp",
+}
+
+# The phases whose training produced each result (its train_seconds is their sum).
+PRODUCED_BY = {
+    "dense": ("dense",),
+    "svd": ("dense", "svd"),
+    "pruned": ("dense", "svd", "finetune"),
+    "posthoc": ("dense", "posthoc"),
+    "trp_trained": ("dense", "trp"),
+    "trp": ("dense", "trp", "trp_finetune"),
+    "adaptive_svd": ("adaptive",),
+    "adaptive": ("adaptive", "adaptive_finetune"),
+}
 
 
 def phases_of(cfg: dict[str, Any]) -> list[str]:
@@ -84,7 +113,10 @@ def phases_of(cfg: dict[str, Any]) -> list[str]:
         return ["dense", "posthoc"]
     if method == "trp":
         return ["dense", "trp", "trp_finetune"]
-    return ["dense", "svd", "finetune"] + ([] if cfg["no_baselines"] else ["posthoc"])
+    baselines = [] if cfg["no_baselines"] else ["posthoc"]
+    if method == "svd-adaptive":
+        return ["dense", "adaptive", "adaptive_finetune", *baselines]
+    return ["dense", "svd", "finetune", *baselines]
 
 
 # --- processes and devices --------------------------------------------------------------
@@ -322,8 +354,18 @@ class Pipeline:
         if name == "posthoc":
             model = self.load_result("dense", svd=False)
             svdkern.decompose(model, cfg["decomposition"], skip=[CLASSIFIER])
-            target = self.results["pruned"]["macs"] if "pruned" in self.results else None
+            final = FINAL[cfg["method"]]
+            target = self.results[final]["macs"] if final in self.results else None
             self._prune(model, "posthoc", target_macs=target)
+            return model
+        if name == "adaptive":
+            if cfg["init"]:
+                model = self.load_result("dense", svd=False)
+                return svdkern.decompose(model, cfg["decomposition"], skip=[CLASSIFIER])
+            return self.skeleton(svd=True)
+        if name == "adaptive_finetune":
+            model = self.load_result("adaptive_svd", svd=True)
+            self._prune(model, "adaptive")
             return model
         if name == "trp":
             return self.load_result("dense", svd=False)
@@ -370,15 +412,30 @@ class Pipeline:
                 sparsity=cfg["sparsity"],
                 strength=cfg["strength"] if phase.sparsity else 0.0,
             )
-        net: nn.Module = model
-        if env.world > 1:
-            net = nn.parallel.DistributedDataParallel(
-                model, device_ids=[env.device.index] if env.device.type == "cuda" else None
-            )
         steps = steps_per_epoch(self.ds, cfg["batch_size"])
+        t_setup, c_setup = time.perf_counter(), time.process_time()
+        self._tune(model, phase)
+        net = self._wrap(model)
+        setup_s = time.perf_counter() - t_setup
+        setup_cpu = time.process_time() - c_setup
+        seconds = self.info.setdefault("phase_seconds", {})
+        cpu_seconds = self.info.setdefault("phase_cpu_seconds", {})
         for epoch in range(start, epochs):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             sums = self._train_epoch(index, epoch, epochs, net, model, opt, reg, steps)
+            step_s = (time.perf_counter() - t0) / steps
+            if phase.cuts and (epoch + 1) % cfg["cut_every"] == 0 and epoch + 1 < epochs:
+                self._cut(model, opt, phase, epoch)
+                if cfg.get("compile"):
+                    # The old ranks' graphs are dead: drop them rather than let every cut
+                    # add a cache entry until dynamo's recompile limit sends us to eager.
+                    torch._dynamo.reset()
+                net = self._wrap(model)
+            train_s = time.perf_counter() - t0 + setup_s
+            train_cpu = time.process_time() - c0 + setup_cpu
+            setup_s = setup_cpu = 0.0
+            seconds[phase.name] = seconds.get(phase.name, 0.0) + train_s
+            cpu_seconds[phase.name] = cpu_seconds.get(phase.name, 0.0) + train_cpu
             lr = opt.param_groups[0]["lr"]
             sched.step()
             test_loss, test_acc = evaluate(model, self.ds, env.device)
@@ -396,7 +453,15 @@ class Pipeline:
                 "test_loss": test_loss,
                 "test_accuracy": test_acc,
                 "seconds": time.perf_counter() - t0,
+                "train_seconds": train_s,
+                "train_cpu_seconds": train_cpu,
+                "step_ms": 1e3 * step_s,
             }
+            if phase.svd:
+                layer_ranks = {name: m.rank for name, m in svd_layers(model)}
+                full = sum(m.full_rank for _, m in svd_layers(model))
+                row["ranks"] = layer_ranks
+                row["rank_fraction"] = sum(layer_ranks.values()) / full
             # The row first: a crash before the checkpoint leaves an extra row, which resume
             # trims; the other order would lose the row of a checkpointed epoch.
             self._metrics(row)
@@ -428,6 +493,69 @@ class Pipeline:
                 env.barrier()
                 sys.stdout.flush()
                 os._exit(75)
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        """The module the training step calls: DDP across processes, torch.compile'd with
+        --compile. Built again after a rank cut (DDP's buckets hold the old parameters)."""
+        net: nn.Module = model
+        if self.env.world > 1:
+            net = nn.parallel.DistributedDataParallel(
+                model,
+                device_ids=[self.env.device.index] if self.env.device.type == "cuda" else None,
+            )
+        if self.cfg.get("compile"):
+            net = torch.compile(net, backend=self.cfg["compile"])
+        return net
+
+    def _tune(self, model: nn.Module, phase: Phase) -> None:
+        """Measure and fix every SVD layer's form (--tune-forms); the forms of process 0
+        are used everywhere, so every process runs the same computation."""
+        if not (phase.svd and self.cfg.get("tune_forms")):
+            return
+        x = torch.randn(
+            (self.cfg["batch_size"] // self.env.world, *self.ds.input_shape),
+            device=self.env.device,
+        )
+        report = svdkern.tune_forms(model, x, training=True, repeats=3)
+        forms = [{name: m.forms for name, m in svd_layers(model)}]
+        if self.env.world > 1:
+            dist.broadcast_object_list(forms, src=0)
+        for name, m in svd_layers(model):
+            for (training, shape), chain in forms[0][name].items():
+                m.set_form(shape, chain, training=training)
+        tuned = self.info.setdefault("tuned_forms", {}).setdefault(phase.name, [])
+        tuned.append({"forms": report.forms(), "timed": report.timed, "seconds": report.seconds})
+
+    def _cut(self, model: nn.Module, opt: torch.optim.Optimizer, phase: Phase, epoch: int):
+        """Cut ranks by the energy rule (ε = --cut-energy, ranks rounded up to
+        --multiple-of) between optimizer steps: process 0 decides, every process applies
+        the same ranks; the optimizer state is sliced with the parameters; forms re-tuned."""
+        plan = svdkern.prune(
+            model,
+            energy=self.cfg["cut_energy"],
+            input_shape=self.input_shape,
+            multiple_of=self.cfg["multiple_of"],
+            dry_run=True,
+        )
+        ranks = [{lay.name: lay.rank_after for lay in plan.layers}]
+        if self.env.world > 1:
+            dist.broadcast_object_list(ranks, src=0)
+        report = svdkern.prune(model, ranks=ranks[0], input_shape=self.input_shape, optimizer=opt)
+        self._tune(model, phase)
+        self.info.setdefault("cuts", []).append(
+            {
+                "phase": phase.name,
+                "epoch": epoch + 1,
+                "ranks": ranks[0],
+                "macs_after": report.macs_after,
+                "flops_ratio": report.flops_ratio,
+            }
+        )
+        if report.flops_ratio is not None:
+            self.log(
+                f"[{phase.name}] epoch {epoch + 1}: ranks cut, MACs {report.flops_ratio:.1%} "
+                "of dense"
+            )
 
     def _diverged(self, phase: str, epoch: int, step: int, value: float, terms: dict) -> None:
         where = "no checkpoint yet"
@@ -462,13 +590,18 @@ class Pipeline:
         batches = train_batches(
             self.ds, cfg["batch_size"], cfg["seed"], index, epoch, env.device, env.rank, env.world
         )
+        # One compose for every SVD layer per step; a compiled model composes its own.
+        grouped = contextlib.nullcontext if self.cfg.get("compile") else svdkern.grouped_compose
         for i, (x, y) in enumerate(batches):
-            with svdkern.grouped_compose(model):  # one compose for every SVD layer
+            with grouped(model):
                 out = net(x)
             terms = {"task": F.cross_entropy(out, y)}
             loss = terms["task"]
             if reg is not None:
-                reg_terms = reg(model)
+                # --orth-every k: the orthogonality term on every k-th step, weighted k·λ_o.
+                every = cfg.get("orth_every", 1)
+                scale = float(every) if (epoch * steps + i) % every == 0 else 0.0
+                reg_terms = reg(model, orth_scale=scale)
                 terms.update(orth=reg_terms["orth"], sparsity=reg_terms["sparsity"])
                 loss = loss + reg_terms["total"]
             if phase.trp and cfg["trp_nuclear"] > 0:
@@ -502,6 +635,13 @@ class Pipeline:
     def finish_phase(self, name: str, model: nn.Module) -> None:
         phase = PHASES[name]
         result = self.measure(model)
+        # Wall-clock, and the process's CPU time (less sensitive to a busy machine's load).
+        for key, per_phase in (
+            ("train_seconds", "phase_seconds"),
+            ("train_cpu_seconds", "phase_cpu_seconds"),
+        ):
+            seconds = self.info.get(per_phase, {})
+            result[key] = sum(seconds.get(p, 0.0) for p in PRODUCED_BY[phase.result])
         extra = self.info.get(phase.result, {})
         if "accuracy_before_finetune" in extra:
             result["accuracy_before_finetune"] = extra["accuracy_before_finetune"]
@@ -555,21 +695,44 @@ class Pipeline:
         cfg, env = self.cfg, self.env
         final = FINAL[cfg["method"]]
         latency = None
+        batches = [1, min(256, len(self.ds.y_test))]
+        inputs = {b: self.ds.normalize(self.ds.x_test[:b].to(env.device)) for b in batches}
+        policy = cfg.get("compress_policy", "flops")
+        shapes = [self.input_shape] if policy != "latency" else [x.shape for x in inputs.values()]
+
+        def deploy(model: nn.Module) -> nn.Module:
+            shape = shapes[0] if policy != "latency" else shapes
+            return svdkern.compress(model, policy, input_shape=shape).eval()
+
+        for name, result in self.results.items():
+            # The deployed form of every trained model: compressed unless it is dense.
+            svd = name not in ("dense", "trp_trained", "compressed")
+            if name == "compressed":
+                continue
+            deployed = self.load_result(name, svd=svd).eval()
+            if svd:
+                deployed = deploy(deployed)
+            result["latency_ms"] = {
+                str(b): report.measure_latency(deployed, x, budget_s=0.2) for b, x in inputs.items()
+            }
         if final != "dense":
             model = self.load_result(final, svd=True)
-            compressed = svdkern.compress(model, input_shape=self.input_shape)
+            compressed = deploy(model)
             self.results["compressed"] = self.measure(compressed)
             self.results["compressed"]["ranks"] = self.results[final]["ranks"]
             self.results["compressed"]["full_ranks"] = self.results[final]["full_ranks"]
             self.results["compressed"]["from"] = final
-            dense = self.load_result("dense", svd=False).eval()
-            batches = [1, min(256, len(self.ds.y_test))]
+            for key in ("train_seconds", "train_cpu_seconds"):
+                self.results["compressed"][key] = self.results[final][key]
+            pair = {"dense": self.load_result("dense", svd=False), "compressed": compressed}
             ms: dict[str, list[float]] = {"dense": [], "compressed": []}
             for b in batches:
-                x = self.ds.normalize(self.ds.x_test[:b].to(env.device))
-                ms["dense"].append(report.measure_latency(dense, x))
-                ms["compressed"].append(report.measure_latency(compressed.eval(), x))
-            latency = {"device": str(env.device), "batches": batches, "ms": ms}
+                for name, value in report.measure_latencies(pair, inputs[b]).items():
+                    ms[name].append(value)
+            self.results["compressed"]["latency_ms"] = {
+                str(b): v for b, v in zip(batches, ms["compressed"], strict=True)
+            }
+            latency = {"device": str(env.device), "batches": batches, "ms": ms, "policy": policy}
         spec = {}
         if "svd" in self.results:
             spec = {
@@ -590,7 +753,12 @@ class Pipeline:
                 "train_size": len(self.ds.y_train),
                 "test_size": len(self.ds.y_test),
                 "wall_time_s": self.wall_time(),
+                "phase_seconds": self.info.get("phase_seconds", {}),
+                "phase_cpu_seconds": self.info.get("phase_cpu_seconds", {}),
             },
         }
-        self.written = report.write_report(self.dir, doc)
+        rows = []
+        if (self.dir / METRICS).exists():
+            rows = [json.loads(line) for line in (self.dir / METRICS).read_text().splitlines()]
+        self.written = report.write_report(self.dir, doc, epochs=rows)
         return doc

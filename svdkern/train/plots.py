@@ -3,6 +3,8 @@
 spectra.png           singular values per layer: dense (= at decomposition) vs after SVD training
 ranks.png             rank per layer: full, and each pruned model
 accuracy_vs_macs.png  test accuracy vs MACs of every model of one or more runs
+ranks_over_epochs.png Σ rank / Σ full rank of the SVD layers after every epoch, per phase
+step_time.png         mean training-step time of every epoch, per phase
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-__all__ = ["plot_accuracy_vs_macs", "plot_ranks", "plot_spectra"]
+__all__ = [
+    "plot_accuracy_vs_macs",
+    "plot_rank_over_epochs",
+    "plot_ranks",
+    "plot_spectra",
+    "plot_step_time",
+]
 
 _MARKERS = {"dense": "s", "svd": "D", "pruned": "o", "compressed": "x", "posthoc": "^", "trp": "v"}
 
@@ -103,3 +111,44 @@ def plot_accuracy_vs_macs(runs: dict[str, dict[str, dict[str, Any]]], path: Path
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _per_phase(rows: list[dict[str, Any]], key: str) -> dict[str, tuple[list[int], list[float]]]:
+    """{phase: (global epoch numbers, values of `key`)}, epochs counted over the whole run."""
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for i, row in enumerate(rows, start=1):
+        if key in row:
+            xs, ys = out.setdefault(row["phase"], ([], []))
+            xs.append(i)
+            ys.append(row[key])
+    return out
+
+
+def _epoch_plot(series, ylabel: str, title: str, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for phase, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker=".", label=phase)
+    ax.set_xlabel("epoch of the run")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_rank_over_epochs(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Σ rank / Σ full rank of the SVD layers at the end of every epoch, one line per phase."""
+    return _epoch_plot(
+        _per_phase(rows, "rank_fraction"),
+        "Σ rank / Σ full rank",
+        "rank of the SVD layers over training",
+        path,
+    )
+
+
+def plot_step_time(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Mean training-step time (ms) of every epoch, one line per phase."""
+    return _epoch_plot(_per_phase(rows, "step_ms"), "ms per step", "training-step time", path)

@@ -9,6 +9,10 @@ report.json::
 
 params and macs are those of the model as deployed (after `svdkern.compress`: each
 SVD layer as the cheaper of its low-rank pair and one dense layer), per sample.
+train_seconds is the wall-clock of all the training (steps, rank cuts, form tuning;
+not evaluation or checkpoints) of the phases that produced the model in this run,
+train_cpu_seconds the process's CPU time of the same (steadier on a shared machine);
+latency_ms = {batch: median ms} of its deployed form in eval mode.
 """
 
 from __future__ import annotations
@@ -25,9 +29,19 @@ from torch import nn
 
 from svdkern.train import plots
 
-__all__ = ["compare", "format_table", "measure_latency", "write_report"]
+__all__ = ["compare", "format_table", "measure_latencies", "measure_latency", "write_report"]
 
-ORDER = ("dense", "svd", "pruned", "compressed", "posthoc", "trp_trained", "trp")
+ORDER = (
+    "dense",
+    "svd",
+    "pruned",
+    "adaptive_svd",
+    "adaptive",
+    "compressed",
+    "posthoc",
+    "trp_trained",
+    "trp",
+)
 DESCRIPTIONS = {
     "dense": "dense model",
     "svd": "SVD-trained, before pruning",
@@ -36,6 +50,8 @@ DESCRIPTIONS = {
     "posthoc": "post-hoc truncated SVD of dense at the same MACs + fine-tuned",
     "trp_trained": "TRP-trained dense weights (low rank), before decomposition",
     "trp": "TRP, decomposed, pruned + fine-tuned",
+    "adaptive_svd": "SVD-trained from a fresh SVD model with rank cuts, before the final prune",
+    "adaptive": "SVD-trained with rank cuts, pruned + fine-tuned (svd-adaptive)",
 }
 
 
@@ -63,16 +79,55 @@ def measure_latency(model: nn.Module, x: torch.Tensor, budget_s: float = 0.5) ->
     return 1000 * statistics.median(times)
 
 
+@torch.no_grad()
+def measure_latencies(
+    models: dict[str, nn.Module], x: torch.Tensor, rounds: int = 7, budget_s: float = 0.05
+) -> dict[str, float]:
+    """Median ms per call of every model on x, interleaved: each round times a block of
+    calls (≥ budget_s) of every model in turn, so drift of a busy machine falls on all."""
+    flags = {name: m.training for name, m in models.items()}
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    calls = {}
+    for name, model in models.items():
+        model.eval()
+        for _ in range(3):
+            model(x)
+        sync()
+        t0 = time.perf_counter()
+        model(x)
+        sync()
+        calls[name] = max(1, min(200, round(budget_s / max(time.perf_counter() - t0, 1e-6))))
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            for _ in range(calls[name]):
+                model(x)
+            sync()
+            times[name].append((time.perf_counter() - t0) / calls[name])
+    for name, model in models.items():
+        model.train(flags[name])
+    return {name: 1000 * statistics.median(v) for name, v in times.items()}
+
+
 def format_table(models: dict[str, dict[str, Any]], markdown: bool = False) -> str:
     """accuracy, params, MACs (and × fewer MACs than dense) of every model."""
     dense_macs = models.get("dense", {}).get("macs")
-    header = ["model", "test accuracy", "params", "MACs", "MACs ÷"]
+    header = ["model", "test accuracy", "params", "MACs", "MACs ÷", "train s"]
     rows = []
     for name in _ordered(models):
         m = models[name]
         ratio = f"{dense_macs / m['macs']:.2f}×" if dense_macs and m.get("macs") else "-"
+        train = f"{m['train_seconds']:.1f}" if m.get("train_seconds") is not None else "-"
         rows.append(
-            [name, f"{100 * m['accuracy']:.2f}%", f"{m['params']:,}", f"{m['macs']:,}", ratio]
+            [
+                name,
+                f"{100 * m['accuracy']:.2f}%",
+                f"{m['params']:,}",
+                f"{m['macs']:,}",
+                ratio,
+                train,
+            ]
         )
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -143,6 +198,9 @@ def _markdown(report: dict[str, Any], pictures: dict[str, str]) -> str:
             "",
             f"## Inference latency ({lat['device']}, median of repeated calls, eval mode)",
             "",
+            f"Deployed with `svdkern.compress(policy={lat.get('policy', 'flops')!r})`; dense "
+            "and compressed timed interleaved.",
+            "",
             "| model | " + " | ".join(f"batch {b} (ms)" for b in lat["batches"]) + " |",
             "|---|" + "---|" * len(lat["batches"]),
         ]
@@ -150,6 +208,27 @@ def _markdown(report: dict[str, Any], pictures: dict[str, str]) -> str:
             if name in lat["ms"]:
                 cells = [f"{v:.3f}" for v in lat["ms"][name]]
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    timed = [k for k in _ordered(models) if models[k].get("latency_ms")]
+    if timed:
+        sizes = list(models[timed[0]]["latency_ms"])
+        phases = env.get("phase_seconds", {})
+        lines += [
+            "",
+            "## Training time and deployed latency",
+            "",
+            "train s: wall-clock of the training that produced the model (phases: "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items())
+            + "); latency of the deployed form (compressed for SVD models), eval mode.",
+            "",
+            "| model | train s | " + " | ".join(f"batch {b} (ms)" for b in sizes) + " |",
+            "|---|---|" + "---|" * len(sizes),
+        ]
+        for name in timed:
+            m = models[name]
+            cells = [f"{m['latency_ms'].get(b, float('nan')):.3f}" for b in sizes]
+            train = m.get("train_seconds")
+            train_text = "-" if train is None else f"{train:.1f}"
+            lines.append(f"| {name} | {train_text} | " + " | ".join(cells) + " |")
     lines += ["", "## Ranks per layer", "", _rank_table(models), ""]
     if pictures:
         lines += ["## Plots", ""]
@@ -158,8 +237,13 @@ def _markdown(report: dict[str, Any], pictures: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
-    """report.json, the plots and report.md in `run_dir`; returns the written paths."""
+def write_report(
+    run_dir: Path, report: dict[str, Any], epochs: list[dict[str, Any]] = ()
+) -> dict[str, Path]:
+    """report.json, the plots and report.md in `run_dir`; returns the written paths.
+
+    `epochs` are the run's metrics rows (one per epoch) for the rank-over-epochs and
+    step-time-over-epochs plots."""
     run_dir = Path(run_dir)
     written = {"json": run_dir / "report.json"}
     written["json"].write_text(json.dumps(report, indent=2) + "\n")
@@ -172,7 +256,9 @@ def write_report(run_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
         )
         pictures["singular values per layer"] = "spectra.png"
     full = next((m["full_ranks"] for m in models.values() if m.get("full_ranks")), None)
-    pruned = {k: models[k]["ranks"] for k in ("pruned", "posthoc", "trp") if k in models}
+    pruned = {
+        k: models[k]["ranks"] for k in ("pruned", "adaptive", "posthoc", "trp") if k in models
+    }
     if full and pruned:
         written["ranks"] = plots.plot_ranks(full, pruned, run_dir / "ranks.png")
         pictures["rank per layer"] = "ranks.png"
@@ -180,6 +266,14 @@ def write_report(run_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
         {report["config"]["out"]: models}, run_dir / "accuracy_vs_macs.png"
     )
     pictures["accuracy vs MACs"] = "accuracy_vs_macs.png"
+    if any("rank_fraction" in row for row in epochs):
+        written["ranks_over_epochs"] = plots.plot_rank_over_epochs(
+            epochs, run_dir / "ranks_over_epochs.png"
+        )
+        pictures["rank over epochs"] = "ranks_over_epochs.png"
+    if any("step_ms" in row for row in epochs):
+        written["step_time"] = plots.plot_step_time(epochs, run_dir / "step_time.png")
+        pictures["step time over epochs"] = "step_time.png"
     written["markdown"] = run_dir / "report.md"
     written["markdown"].write_text(_markdown(report, pictures))
     return written

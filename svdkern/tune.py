@@ -1,0 +1,336 @@
+"""Measured form selection: time each SVD layer's candidate forms and fix the fastest.
+
+MACs do not predict time for thin layers (DESIGN.md §5.1): on a 2-core CPU a 16-channel
+3×3 conv at 32×32, batch 32, is no faster as the rank-4 chain than dense although it has
+a quarter of the MACs. `tune_forms` therefore runs every SVD layer's candidates on the
+model's device, at the layer's current rank and at the input shape it sees:
+
+    training=True   forward + backward of  compose   W = U·diag(s)·Vᵀ, then the dense op
+                                           chain     x·V, scale by s, ·Uᵀ (two thin ops)
+    training=False  forward of             dense     the dense layer (W precomputed)
+                                           lowrank   the two layers of `to_lowrank()`
+
+Timing: each candidate is warmed up, then `repeats` rounds time every candidate in turn
+(interleaved, so that drift of a busy machine falls on all of them alike); each round
+times enough calls to last ≥ 2 ms; the median round decides. The choice is written
+into the layer (`layer.set_form`), which `mode="auto"` then follows; a layer never tuned
+keeps the MAC rule. Results are cached per (layer geometry, rank, input shape,
+input-requires-grad, device, dtype, threads, training), so after a rank cut only the
+layers whose rank changed are timed again, and equal layers are timed once.
+
+Example::
+
+    report = svdkern.tune_forms(model, torch.randn(32, 3, 32, 32), training=True)
+    print(report)                          # per layer: times of every form, the choice
+    svdkern.prune(model, energy=1e-3, optimizer=opt)
+    svdkern.tune_forms(model, x)           # re-times only the layers that changed
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from svdkern.nn import _svd_layers, _SVDBase
+
+__all__ = ["LayerForm", "TuneReport", "clear_tune_cache", "tune_forms"]
+
+TRAINING_FORMS = ("compose", "chain")
+INFERENCE_FORMS = ("dense", "lowrank")
+_ROUND_S = 2e-3  # each timed round lasts at least this long
+_MAX_CALLS = 64
+# For inference the low-rank pair replaces the dense layer only when it is at least this
+# much faster: a deployed model must not get slower by timing noise.
+_DEPLOY_MARGIN = 0.05
+
+# key → (chosen form, {form: median ms})
+_CACHE: dict[tuple, tuple[str, dict[str, float]]] = {}
+
+
+@dataclass
+class LayerForm:
+    """One SVD layer at one input shape: median ms of each candidate and the choice."""
+
+    name: str
+    input_shape: tuple[int, ...]
+    rank: int
+    full_rank: int
+    training: bool
+    times_ms: dict[str, float]
+    form: str
+    cached: bool
+
+    @property
+    def speedup(self) -> float:
+        """Time of the slowest candidate / time of the chosen one."""
+        return max(self.times_ms.values()) / self.times_ms[self.form]
+
+
+@dataclass
+class TuneReport:
+    """What `tune_forms` chose: a LayerForm per (layer, input shape); `timed` counts the
+    (layer, shape) pairs actually measured (the others came from the cache)."""
+
+    training: bool
+    seconds: float
+    layers: list[LayerForm] = field(default_factory=list)
+
+    @property
+    def timed(self) -> int:
+        return sum(not lay.cached for lay in self.layers)
+
+    def forms(self) -> dict[str, str]:
+        """{layer name: form} (the form at the layer's first input shape)."""
+        out: dict[str, str] = {}
+        for lay in self.layers:
+            out.setdefault(lay.name, lay.form)
+        return out
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "timed": self.timed}
+
+    def __str__(self) -> str:
+        from svdkern.flops import _table
+
+        names = TRAINING_FORMS if self.training else INFERENCE_FORMS
+        header = ("layer", "input", "rank", *(f"{n} ms" for n in names), "form")
+        rows = [
+            (
+                lay.name,
+                "×".join(map(str, lay.input_shape)),
+                f"{lay.rank}/{lay.full_rank}",
+                *(f"{lay.times_ms[n]:.3f}" for n in names),
+                lay.form + (" (cached)" if lay.cached else ""),
+            )
+            for lay in self.layers
+        ]
+        what = "forward + backward" if self.training else "forward"
+        return (
+            _table(header, rows)
+            + f"\n{what}; {self.timed} timed, {len(self.layers) - self.timed} from the cache, "
+            f"{self.seconds:.2f} s"
+        )
+
+
+def clear_tune_cache() -> None:
+    """Forget every measured form (e.g. after the machine's load changed)."""
+    _CACHE.clear()
+
+
+def _as_args(example_inputs) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and all(
+        isinstance(x, torch.Tensor) for x in example_inputs
+    ):
+        return tuple(example_inputs)
+    raise TypeError(
+        "example_inputs must be a tensor or a tuple of tensors (the model is called as "
+        f"model(*example_inputs)), got {type(example_inputs).__name__}"
+    )
+
+
+def _record_inputs(
+    model: nn.Module, args: tuple, training: bool
+) -> list[tuple[str, _SVDBase, tuple[int, ...], torch.dtype, bool]]:
+    """(name, layer, input shape, input dtype, input requires grad) of every distinct call of
+    every SVD layer in one forward of `args`. The forward runs in eval mode (no batch-norm
+    statistics are updated) with gradients on when training, so requires_grad is as in
+    training; the train/eval flags are restored."""
+    layers = _svd_layers(model)
+    seen: dict[tuple, tuple] = {}
+
+    def hook(name, layer):
+        def record(module, inputs):
+            x = inputs[0]
+            key = (name, tuple(x.shape), x.dtype, x.requires_grad)
+            seen.setdefault(key, (name, layer, tuple(x.shape), x.dtype, x.requires_grad))
+
+        return record
+
+    flags = {m: m.training for m in model.modules()}
+    handles = [layer.register_forward_pre_hook(hook(name, layer)) for name, layer in layers]
+    try:
+        model.eval()
+        with torch.set_grad_enabled(training):
+            model(*args)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in flags.items():
+            m.training = flag
+    return list(seen.values())
+
+
+def _sync(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def _time_interleaved(
+    fns: dict[str, Callable[[], None]], repeats: int, device: torch.device
+) -> dict[str, float]:
+    """Median ms per call of every function, rounds interleaved across the functions."""
+    sync = _sync(device)
+    calls = {}
+    for name, fn in fns.items():
+        fn()  # warm-up: allocator, oneDNN primitive / kernel selection
+        fn()
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        once = max(time.perf_counter() - start, 1e-7)
+        calls[name] = max(1, min(_MAX_CALLS, math.ceil(_ROUND_S / once)))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            for _ in range(calls[name]):
+                fn()
+            sync()
+            samples[name].append((time.perf_counter() - start) / calls[name])
+    return {name: 1e3 * statistics.median(v) for name, v in samples.items()}
+
+
+def _training_candidates(
+    layer: _SVDBase, shape: tuple[int, ...], dtype: torch.dtype, input_grad: bool
+) -> dict[str, Callable[[], None]]:
+    """fwd + bwd of a copy of `layer` in each form, on a random input of `shape`."""
+    fns = {}
+    device = layer.U.device
+    x = torch.randn(shape, device=device, dtype=dtype, requires_grad=input_grad)
+    for form in TRAINING_FORMS:
+        twin = copy.deepcopy(layer).train()
+        twin.mode = form
+        with torch.no_grad():
+            grad_out = torch.randn_like(twin(x))
+        params = [p for p in twin.parameters() if p.requires_grad]
+
+        def step(twin=twin, params=params, grad_out=grad_out) -> None:
+            for p in params:
+                p.grad = None
+            x.grad = None
+            twin(x).backward(grad_out)
+
+        fns[form] = step
+    return fns
+
+
+def _inference_candidates(
+    layer: _SVDBase, shape: tuple[int, ...], dtype: torch.dtype
+) -> dict[str, Callable[[], None]]:
+    """Forward of the deployed forms of `layer` (`to_dense()`, `to_lowrank()`)."""
+    device = layer.U.device
+    x = torch.randn(shape, device=device, dtype=dtype)
+    modules = {"dense": layer.to_dense().eval(), "lowrank": layer.to_lowrank().eval()}
+
+    def forward(module: nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad():
+                module(x)
+
+        return run
+
+    return {form: forward(m) for form, m in modules.items()}
+
+
+def _measure(
+    layer: _SVDBase,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    input_grad: bool,
+    training: bool,
+    repeats: int,
+) -> dict[str, float]:
+    """{form: median ms} of `layer`'s candidate forms at input `shape`."""
+    if training:
+        fns = _training_candidates(layer, shape, dtype, input_grad)
+    else:
+        fns = _inference_candidates(layer, shape, dtype)
+    return _time_interleaved(fns, repeats, layer.U.device)
+
+
+def tune_forms(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    training: bool = True,
+    repeats: int = 5,
+    use_cache: bool = True,
+) -> TuneReport:
+    """Time every SVD layer's forms on the model's device and fix the fastest in each layer.
+
+    Args:
+        model: a model with SVD layers (`SVDLinear`, `SVDConv2d`); its layers' forms are set
+            (`layer.set_form`), nothing else changes (batch-norm statistics included).
+        example_inputs: a batch as training or inference will see it (a tensor, or a tuple
+            for `model(*example_inputs)`); every layer is timed at the input shape it gets.
+        training: True: forward + backward of compose-then-dense vs the low-rank chain
+            (the form `forward` takes in train mode); the faster wins. False: forward of
+            the deployed dense layer vs the low-rank pair (the form eval-mode `forward`
+            takes, and the one `svdkern.compress(policy="latency")` deploys); the pair
+            wins only when ≥ 5% faster.
+        repeats: interleaved timing rounds per candidate (median of them decides), ≥ 1.
+        use_cache: reuse earlier measurements of the same layer geometry, rank, input,
+            device, dtype and thread count.
+    Returns:
+        TuneReport (per layer and input shape: median ms of each candidate, the choice;
+        `str(report)` is a table).
+
+    Example::
+
+        report = svdkern.tune_forms(model, next(iter(loader))[0].to(device))
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    args = _as_args(example_inputs)
+    if not _svd_layers(model):
+        raise ValueError(
+            "model has no SVD layers to tune; decompose it first (svdkern.decompose(model))"
+        )
+    start = time.perf_counter()
+    report = TuneReport(bool(training), 0.0)
+    calls = _record_inputs(model, args, training)
+    for name, layer, shape, dtype, input_grad in calls:
+        device = layer.U.device
+        key = (
+            type(layer).__name__,
+            layer._geometry(),
+            layer.rank,
+            shape,
+            input_grad and training,
+            str(device),
+            dtype,
+            layer.U.dtype,
+            torch.get_num_threads(),
+            bool(training),
+        )
+        cached = use_cache and key in _CACHE
+        if cached:
+            form, times = _CACHE[key]
+        else:
+            times = _measure(layer, shape, dtype, input_grad, training, repeats)
+            form = min(times, key=times.get)
+            if not training and times["lowrank"] > (1 - _DEPLOY_MARGIN) * times["dense"]:
+                form = "dense"
+            _CACHE[key] = (form, times)
+        layer.set_form(shape, form in ("chain", "lowrank"), training=training)
+        report.layers.append(
+            LayerForm(
+                name, shape, layer.rank, layer.full_rank, bool(training), dict(times), form, cached
+            )
+        )
+    report.seconds = time.perf_counter() - start
+    return report

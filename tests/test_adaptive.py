@@ -1,0 +1,171 @@
+"""`svdkern train --method svd-adaptive`: SVD training with rank cuts (optimizer state
+sliced, forms re-tuned), its epoch budget, report fields (train_seconds, latency_ms,
+cuts), plots, --compile, and kill-and-resume across a cut."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from svdkern.__main__ import main
+from svdkern.train import checkpoint, config
+from svdkern.train.cli import _parse, build_train_parser
+
+# Tiny synthetic data; a large cut ε so that cuts happen within a few epochs.
+ADAPTIVE = ["--data", "synthetic", "--quiet", "--method", "svd-adaptive", "--no-baselines"]
+ADAPTIVE += ["--dense-epochs", "4", "--finetune-epochs", "1", "--cut-every", "1"]
+ADAPTIVE += ["--cut-energy", "0.2", "--strength", "0.3", "--tune-forms"]
+TIMES = ("seconds", "train_seconds", "train_cpu_seconds", "step_ms")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run(
+        [sys.executable, "-m", "svdkern", "train", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _resolve(*argv: str) -> dict:
+    return config.resolve(_parse(build_train_parser(), list(argv)))
+
+
+def test_adaptive_defaults_epochs_add_up_to_the_dense_epochs():
+    cfg = _resolve("--method", "svd-adaptive")
+    assert cfg["svd_epochs"] + cfg["finetune_epochs"] == cfg["dense_epochs"] == 30
+    assert cfg["compile"] is None and cfg["cut_energy"] == 0.05 and cfg["cut_every"] == 2
+    assert not cfg["tune_forms"]  # digits: tuning costs more than it saves
+    cifar = ["--method", "svd-adaptive", "--data", "cifar10", "--data-dir", "d"]
+    assert _resolve(*cifar)["tune_forms"] and not _resolve("--data", "cifar10")["tune_forms"]
+    cfg = _resolve("--method", "svd-adaptive", "--init", "x.pt", "--finetune-epochs", "4")
+    assert cfg["svd_epochs"] == 26 and cfg["dense_epochs"] == 0  # the budget of dense training
+    assert _resolve("--method", "svd-adaptive", "--svd-epochs", "7")["svd_epochs"] == 7
+    assert not _resolve()["tune_forms"] and _resolve("--tune-forms")["tune_forms"]
+    assert _resolve("--compile")["compile"] == "inductor"
+    assert _resolve("--compile", "aot_eager")["compile"] == "aot_eager"
+
+
+def test_adaptive_run_cuts_ranks_and_reports_times_and_latency(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", *ADAPTIVE, "--out", str(run)]) == 0
+    doc = json.loads((run / "report.json").read_text())
+    models = doc["models"]
+    assert set(models) == {"dense", "adaptive_svd", "adaptive", "compressed"}
+
+    rows = _rows(run)
+    assert [r["phase"] for r in rows] == ["dense"] * 4 + ["adaptive"] * 3 + ["adaptive_finetune"]
+    adaptive = [r for r in rows if r["phase"] == "adaptive"]
+    fractions = [r["rank_fraction"] for r in adaptive]
+    assert fractions == sorted(fractions, reverse=True) and fractions[-1] < 1.0
+    cuts = doc["prune"]["cuts"]
+    assert [c["epoch"] for c in cuts] == [1, 2]  # not after the last SVD epoch
+    assert cuts[-1]["ranks"] == adaptive[-1]["ranks"] == models["adaptive_svd"]["ranks"]
+    assert all(
+        models["adaptive"]["ranks"][k] <= v for k, v in models["adaptive_svd"]["ranks"].items()
+    )
+
+    seconds = doc["environment"]["phase_seconds"]
+    assert set(seconds) == {"dense", "adaptive", "adaptive_finetune"}
+    assert models["dense"]["train_seconds"] == pytest.approx(seconds["dense"])
+    assert models["adaptive"]["train_seconds"] == pytest.approx(
+        seconds["adaptive"] + seconds["adaptive_finetune"]
+    )
+    by_phase = {p: sum(r["train_seconds"] for r in rows if r["phase"] == p) for p in seconds}
+    assert by_phase == pytest.approx(seconds)
+    cpu = doc["environment"]["phase_cpu_seconds"]
+    assert models["adaptive"]["train_cpu_seconds"] == pytest.approx(
+        cpu["adaptive"] + cpu["adaptive_finetune"]
+    )
+    assert min(cpu.values()) > 0
+    for name, m in models.items():
+        assert set(m["latency_ms"]) == {"1", "160"} and min(m["latency_ms"].values()) > 0, name
+    tuned = doc["prune"]["tuned_forms"]["adaptive"]
+    assert len(tuned) == 3  # phase start and after each cut
+    assert set(tuned[0]["forms"].values()) <= {"compose", "chain"}
+
+    for png in ("ranks_over_epochs.png", "step_time.png", "ranks.png"):
+        assert (run / png).read_bytes()[:4] == b"\x89PNG"
+    md = (run / "report.md").read_text()
+    assert "Training time and deployed latency" in md and "rank over epochs" in md
+
+
+def test_adaptive_with_compile_trains(tmp_path):
+    run = tmp_path / "run"
+    args = [*ADAPTIVE, "--compile", "aot_eager", "--multiple-of", "4", "--no-tune-forms"]
+    args += ["--dense-epochs", "3"]  # 2 SVD epochs, one cut: one recompile
+    assert main(["train", *args, "--out", str(run)]) == 0
+    doc = json.loads((run / "report.json").read_text())
+    assert doc["config"]["compile"] == "aot_eager"
+    assert all(r % 4 == 0 or r == 10 for c in doc["prune"]["cuts"] for r in c["ranks"].values())
+    assert doc["models"]["adaptive"]["accuracy"] > 0.5
+
+
+@pytest.mark.slow
+def test_kill_after_a_cut_and_resume_ends_like_an_uninterrupted_run(tmp_path):
+    args = [*ADAPTIVE, "--no-tune-forms"]  # measured forms could differ between the runs
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert main(["train", *args, "--out", str(full)]) == 0
+    crash = _run(*args, "--out", str(killed), "--stop-after-epochs", "6")
+    assert crash.returncode == 75, crash.stderr
+    state = checkpoint.load(killed / "checkpoint.pt")
+    assert (state["phase"], state["epoch"]) == ("adaptive", 2)
+    resumed = _run("--resume", str(killed), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    for name in ("adaptive_svd.pt", "adaptive.pt"):
+        a, b = checkpoint.load(full / name)["model"], checkpoint.load(killed / name)["model"]
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMES} for r in rows]  # noqa: E731
+    assert strip(_rows(full)) == strip(_rows(killed))
+
+
+def test_orth_scale_amortizes_the_orthogonality_term(monkeypatch):
+    import svdkern
+    from svdkern import ops
+    from svdkern.nn import SVDLinear
+
+    model = torch.nn.Sequential(SVDLinear(6, 5), SVDLinear(5, 4))
+    with torch.no_grad():
+        model[0].U.mul_(1.5)
+    reg = svdkern.SVDRegularizer(model, orth=0.5, sparsity="l1", strength=0.1)
+    full = reg(model)
+    scaled = reg(model, orth_scale=3.0)
+    torch.testing.assert_close(scaled["total"], 1.5 * full["orth"] + 0.1 * full["sparsity"])
+    calls = []
+    monkeypatch.setattr(ops, "orth_loss", lambda mats: calls.append(mats))
+    skipped = reg(model, orth_scale=0.0)
+    assert calls == [] and skipped["orth"].item() == 0.0
+    torch.testing.assert_close(skipped["total"], 0.1 * full["sparsity"])
+
+
+def test_orth_every_trains(tmp_path):
+    run = tmp_path / "run"
+    args = [*ADAPTIVE, "--orth-every", "4", "--dense-epochs", "2", "--no-tune-forms"]
+    assert main(["train", *args, "--out", str(run)]) == 0
+    rows = [r for r in _rows(run) if r["phase"] == "adaptive"]
+    assert json.loads((run / "report.json").read_text())["config"]["orth_every"] == 4
+    assert rows and rows[0]["orth"] > 0  # the Gram steps' values, averaged over all steps

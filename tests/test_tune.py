@@ -1,0 +1,143 @@
+"""Measured form selection (`svdkern.tune_forms`): forms are set from timings, followed by
+`mode="auto"`, cached per (geometry, rank, input, ...), forgotten on a rank change."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import svdkern
+from svdkern import tune
+from svdkern.nn import SVDConv2d, SVDLinear
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    svdkern.clear_tune_cache()
+    yield
+    svdkern.clear_tune_cache()
+
+
+def _cnn() -> nn.Module:
+    return nn.Sequential(
+        SVDConv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        SVDConv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        SVDConv2d(8, 8, 3, padding=1, decomposition="spatial"),
+        nn.Flatten(),
+        SVDLinear(8 * 6 * 6, 10),
+    )
+
+
+def test_interleaved_timing_ranks_a_slow_function_above_a_fast_one():
+    times = tune._time_interleaved(
+        {"slow": lambda: time.sleep(0.003), "fast": lambda: None}, 3, torch.device("cpu")
+    )
+    assert times["slow"] >= 3.0 > times["fast"]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_tune_sets_a_form_per_layer_and_auto_follows_it(training):
+    model = _cnn()
+    x = torch.randn(2, 3, 6, 6)
+    report = svdkern.tune_forms(model, x, training=training, repeats=1)
+    layers = [m for m in model.modules() if isinstance(m, SVDLinear | SVDConv2d)]
+    assert [lay.name for lay in report.layers] == ["0", "3", "6", "8"]
+    forms = ("compose", "chain") if training else ("dense", "lowrank")
+    for lay, layer in zip(report.layers, layers, strict=True):
+        assert set(lay.times_ms) == set(forms) and lay.form in forms
+        t = lay.times_ms
+        if training:
+            assert lay.form == min(t, key=t.get)
+        else:  # the pair must be ≥ 5% faster to replace the dense layer
+            assert (lay.form == "lowrank") == (t["lowrank"] <= 0.95 * t["dense"])
+        assert layer.forms == {(training, lay.input_shape): lay.form in ("chain", "lowrank")}
+    model.train(training)
+    model(x)
+    for lay, layer in zip(report.layers, layers, strict=True):
+        assert layer._last_chain == (lay.form in ("chain", "lowrank"))
+    assert "form" in str(report) and report.to_dict()["timed"] == 4
+
+
+def test_set_form_overrides_the_mac_rule_and_outputs_agree():
+    layer = SVDLinear(64, 64, rank=2)  # the MAC rule takes the chain here
+    x = torch.randn(5, 64)
+    chain = layer(x)
+    assert layer._last_chain
+    layer.set_form(x.shape, chain=False)
+    compose = layer(x)
+    assert not layer._last_chain
+    torch.testing.assert_close(compose, chain, atol=1e-5, rtol=1e-4)
+    layer.eval()
+    layer(x)  # eval mode was not tuned: the MAC rule again
+    assert layer._last_chain
+
+
+def test_tuning_leaves_batch_norm_statistics_and_train_flags_alone():
+    model = _cnn().train()
+    model[4].eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    svdkern.tune_forms(model, torch.randn(2, 3, 6, 6), repeats=1)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert model[1].training and not model[4].training
+
+
+def test_cache_times_equal_layers_once_and_a_rank_cut_retunes_only_that_layer():
+    model = nn.Sequential(
+        SVDLinear(16, 16), nn.ReLU(), SVDLinear(16, 16), SVDLinear(16, 16), SVDLinear(16, 4)
+    )
+    x = torch.randn(3, 16)
+    first = svdkern.tune_forms(model, x, repeats=1)
+    # The first layer gets no input gradient, the next two are equal: one timing for both.
+    assert [lay.cached for lay in first.layers] == [False, False, True, False]
+    again = svdkern.tune_forms(model, x, repeats=1)
+    assert again.timed == 0 and again.forms() == first.forms()
+    model[3].prune_(5)
+    assert model[3].forms == {}  # a rank change forgets the layer's forms
+    assert model[2].forms != {}
+    after = svdkern.tune_forms(model, x, repeats=1)
+    assert [lay.cached for lay in after.layers] == [True, True, False, True]
+    assert after.layers[2].rank == 5
+    fresh = svdkern.tune_forms(model, x, repeats=1, use_cache=False)
+    assert fresh.timed == 4
+
+
+def test_inference_tuning_does_not_reuse_training_times():
+    model = nn.Sequential(SVDLinear(8, 8))
+    svdkern.tune_forms(model, torch.randn(4, 8), repeats=1)
+    report = svdkern.tune_forms(model, torch.randn(4, 8), training=False, repeats=1)
+    assert report.timed == 1 and len(model[0].forms) == 2
+
+
+def test_tuned_model_compiles_fullgraph_and_matches_eager():
+    model = nn.Sequential(SVDLinear(12, 12, rank=3), nn.ReLU(), SVDLinear(12, 5))
+    x = torch.randn(4, 12)
+    svdkern.tune_forms(model, x, repeats=1)
+    model[0].set_form(x.shape, chain=False)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        pytest.param({"repeats": 0}, ValueError, "repeats", id="repeats-0"),
+        pytest.param({"example_inputs": [1, 2]}, TypeError, "example_inputs", id="inputs"),
+    ],
+)
+def test_tune_rejects_bad_arguments(kwargs, error, match):
+    args = {"example_inputs": torch.randn(2, 4), **kwargs}
+    with pytest.raises(error, match=match):
+        svdkern.tune_forms(nn.Sequential(SVDLinear(4, 4)), **args)
+
+
+def test_tune_needs_svd_layers():
+    with pytest.raises(ValueError, match="decompose"):
+        svdkern.tune_forms(nn.Linear(4, 4), torch.randn(2, 4))
