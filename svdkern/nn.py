@@ -232,11 +232,17 @@ class _SVDBase(nn.Module):
             self. U, s, V are new Parameters: without `optimizer`, rebuild optimizers.
         """
         idx = self._keep_indices(keep)
+        # Everything is sliced and checked first, then committed: an optimizer whose state
+        # cannot be sliced raises with the layer and the optimizer untouched.
+        swaps = []
         for name, dim in (("U", 1), ("s", 0), ("V", 1)):
             old = getattr(self, name)
             new = nn.Parameter(old.index_select(dim, idx), old.requires_grad)
+            state = None if optimizer is None else _sliced_state(optimizer, old, idx, dim)
+            swaps.append((name, old, new, state))
+        for name, old, new, state in swaps:
             if optimizer is not None:
-                _move_optimizer_state(optimizer, old, new, idx, dim)
+                _swap_param(optimizer, old, new, state)
             setattr(self, name, new)
         self._forms.clear()
         return self
@@ -393,20 +399,37 @@ class SVDLinear(_SVDBase):
         )
 
 
-def _move_optimizer_state(
-    optimizer: torch.optim.Optimizer,
-    old: nn.Parameter,
-    new: nn.Parameter,
-    idx: torch.Tensor,
-    dim: int,
-) -> None:
-    """Put `new` in `old`'s place in `optimizer`: its param-group slot, and its state with
-    every tensor of `old`'s shape sliced by `idx` along `dim` (0-dim entries such as a
-    step count are kept as they are)."""
+def _sliced_state(
+    optimizer: torch.optim.Optimizer, old: torch.Tensor, idx: torch.Tensor, dim: int
+) -> dict | None:
+    """`old`'s optimizer state with every tensor of `old`'s shape sliced by `idx` along
+    `dim` (0-dim entries such as a step count kept as they are); None if it has none.
+    Raises (changing nothing) for state that is neither per-element nor scalar."""
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
             f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
         )
+    state = optimizer.state.get(old)
+    if not state:
+        return None
+    moved = {}
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.shape == old.shape:
+            value = value.index_select(dim, idx.to(value.device))
+        elif isinstance(value, torch.Tensor) and value.dim() > 0:
+            raise ValueError(
+                f"optimizer state {key!r} of a parameter of shape {list(old.shape)} has "
+                f"shape {list(value.shape)}; only per-element state (same shape) and "
+                "scalars can be sliced to a new rank: rebuild this optimizer after pruning"
+            )
+        moved[key] = value
+    return moved
+
+
+def _swap_param(
+    optimizer: torch.optim.Optimizer, old: torch.Tensor, new: torch.Tensor, state: dict | None
+) -> None:
+    """Put `new` in `old`'s place in `optimizer`: its param-group slots and its state."""
     slots = [
         (group, i)
         for group in optimizer.param_groups
@@ -415,20 +438,9 @@ def _move_optimizer_state(
     ]
     if not slots:
         return
-    state = optimizer.state.pop(old, None)
+    optimizer.state.pop(old, None)
     if state:
-        moved = {}
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor) and value.shape == old.shape:
-                value = value.index_select(dim, idx.to(value.device))
-            elif isinstance(value, torch.Tensor) and value.dim() > 0:
-                raise ValueError(
-                    f"optimizer state {key!r} of a parameter of shape {list(old.shape)} has "
-                    f"shape {list(value.shape)}; only per-element state (same shape) and "
-                    "scalars can be sliced to a new rank: rebuild this optimizer after pruning"
-                )
-            moved[key] = value
-        optimizer.state[new] = moved
+        optimizer.state[new] = state
     for group, i in slots:
         group["params"][i] = new
 

@@ -12,9 +12,10 @@ model's device, at the layer's current rank and at the input shape it sees:
 
 Timing: each candidate is warmed up, then `repeats` rounds time every candidate in turn
 (interleaved, so that drift of a busy machine falls on all of them alike); each round
-times enough calls to last ≥ 2 ms; the median round decides. The choice is written
-into the layer (`layer.set_form`), which `mode="auto"` then follows; a layer never tuned
-keeps the MAC rule. Results are cached per (layer geometry, rank, input shape,
+times enough calls to last ≥ 2 ms; the median round decides. A training choice is
+written into the layer (`layer.set_form`), which `mode="auto"` then follows; a layer
+never tuned keeps the MAC rule. Inference choices are only reported: they decide what
+`compress(policy="latency")` deploys. Results are cached per (layer geometry, rank, input shape,
 input-requires-grad, device, dtype, threads, training), so after a rank cut only the
 layers whose rank changed are timed again, and equal layers are timed once.
 
@@ -271,15 +272,16 @@ def tune_forms(
     """Time every SVD layer's forms on the model's device and fix the fastest in each layer.
 
     Args:
-        model: a model with SVD layers (`SVDLinear`, `SVDConv2d`); its layers' forms are set
-            (`layer.set_form`), nothing else changes (batch-norm statistics included).
+        model: a model with SVD layers (`SVDLinear`, `SVDConv2d`); with training=True its
+            layers' forms are set (`layer.set_form`); nothing else changes (batch-norm
+            statistics included).
         example_inputs: a batch as training or inference will see it (a tensor, or a tuple
             for `model(*example_inputs)`); every layer is timed at the input shape it gets.
-        training: True: forward + backward of compose-then-dense vs the low-rank chain
-            (the form `forward` takes in train mode); the faster wins. False: forward of
-            the deployed dense layer vs the low-rank pair (the form eval-mode `forward`
-            takes, and the one `svdkern.compress(policy="latency")` deploys); the pair
-            wins only when ≥ 5% faster.
+        training: True: forward + backward of compose-then-dense vs the low-rank chain;
+            the faster becomes the form `forward` takes in train mode. False: forward of
+            the deployed dense layer vs the low-rank pair, reported only (the layers are
+            left unchanged; `svdkern.compress(policy="latency")` deploys the choice); the
+            pair wins only when ≥ 5% faster.
         repeats: interleaved timing rounds per candidate (median of them decides), ≥ 1.
         use_cache: reuse earlier measurements of the same layer geometry, rank, input,
             device, dtype and thread count.
@@ -326,7 +328,11 @@ def tune_forms(
             if not training and times["lowrank"] > (1 - _DEPLOY_MARGIN) * times["dense"]:
                 form = "dense"
             _CACHE[key] = (form, times)
-        layer.set_form(shape, form in ("chain", "lowrank"), training=training)
+        if training:
+            # Inference times compare the deployed dense layer with the low-rank pair, not
+            # the SVD layer's own eval forward (which recomposes W per call): they inform
+            # `compress(policy="latency")` and leave the layer's forms alone.
+            layer.set_form(shape, form == "chain", training=True)
         report.layers.append(
             LayerForm(
                 name, shape, layer.rank, layer.full_rank, bool(training), dict(times), form, cached

@@ -113,11 +113,24 @@ def test_adaptive_run_cuts_ranks_and_reports_times_and_latency(tmp_path):
     assert "Training time and deployed latency" in md and "rank over epochs" in md
 
 
-def test_adaptive_with_compile_trains(tmp_path):
+def test_adaptive_with_compile_trains(tmp_path, monkeypatch):
+    from torch._dynamo.testing import CompileCounter
+
+    # The requested backend reaches torch.compile, and the steps really run compiled
+    # (frames counted by a backend that runs the captured graphs as they are).
+    counter, backends, real_compile = CompileCounter(), [], torch.compile
+
+    def counting_compile(model, *, backend="inductor", **kwargs):
+        backends.append(backend)
+        return real_compile(model, backend=counter, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
     run = tmp_path / "run"
     args = [*ADAPTIVE, "--compile", "aot_eager", "--multiple-of", "4", "--no-tune-forms"]
     args += ["--dense-epochs", "3"]  # 2 SVD epochs, one cut: one recompile
     assert main(["train", *args, "--out", str(run)]) == 0
+    assert backends and set(backends) == {"aot_eager"}
+    assert counter.frame_count > 0
     doc = json.loads((run / "report.json").read_text())
     assert doc["config"]["compile"] == "aot_eager"
     assert all(r % 4 == 0 or r == 10 for c in doc["prune"]["cuts"] for r in c["ranks"].values())

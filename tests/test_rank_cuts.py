@@ -167,8 +167,17 @@ def test_optimizer_state_that_is_not_per_element_is_an_error():
     model = nn.Sequential(SVDLinear(6, 6))
     opt = torch.optim.Adafactor(model.parameters(), lr=1e-2)
     _train(model, opt, [(torch.randn(3, 6), torch.randint(0, 6, (3,)))])
+    params = [model[0].U, model[0].s, model[0].V]
+    states = [{k: v.clone() for k, v in opt.state[p].items()} for p in params]
     with pytest.raises(ValueError, match="rebuild this optimizer"):
         model[0].prune_(2, optimizer=opt)
+    # Nothing was committed: the layer keeps its rank and parameters, the optimizer its state.
+    assert model[0].rank == 6
+    assert all(a is b for a, b in zip((model[0].U, model[0].s, model[0].V), params))
+    for p, before in zip(params, states):
+        assert opt.state[p].keys() == before.keys()
+        for key, value in before.items():
+            torch.testing.assert_close(opt.state[p][key], value, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(

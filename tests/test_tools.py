@@ -190,3 +190,17 @@ def test_interpreter_skips_with_the_bug_named_only_when_the_probe_hits_it():
     other = _raises(TypeError("unsupported operand"))
     assert interpreter_skip_reason("3.6.0", "2.5.0", other) is None  # other errors: tests show
     assert interpreter_skip_reason("3.5.1", "2.4.0", _raises(RuntimeError("x"))) is None
+
+
+def test_gate_expects_every_triton_kernel_of_the_project():
+    # The gate fails when a kernel was never compiled; its list must name every @triton.jit
+    # kernel that has a launcher (the ones ending in _kernel), no more, no fewer.
+    import re
+
+    root = Path(__file__).resolve().parent.parent / "svdkern" / "kernels"
+    defined = {
+        name
+        for path in root.glob("*.py")
+        for name in re.findall(r"^def (_\w+_kernel)\(", path.read_text(), flags=re.M)
+    }
+    assert defined == set(kc.EXPECTED_KERNELS)

@@ -62,6 +62,19 @@ sys.path.insert(0, str(ROOT))
 
 SMEM_LIMIT = 232448  # H100: max dynamic shared memory per block (227 KiB), triton's limit
 HOT_OPS = ("compose", "compose_grouped", "lowrank_linear", "orth_loss")  # and their backwards
+# Every @triton.jit kernel with a launcher; the gate fails if one of them was never compiled.
+EXPECTED_KERNELS = (
+    "_matmul_kernel",
+    "_compose_grouped_fwd_kernel",
+    "_compose_grouped_bwd_kernel",
+    "_lowrank_fwd_kernel",
+    "_lowrank_bwd_rows_kernel",
+    "_lowrank_bwd_weights_kernel",
+    "_orth_fwd_kernel",
+    "_orth_bwd_kernel",
+    "_sparsity_fwd_kernel",
+    "_sparsity_bwd_kernel",
+)
 COMPILE_SECONDS = (1.0, 2.0)  # per compile on an H100 machine's CPU, for the estimates
 
 
@@ -833,7 +846,12 @@ def main(argv: list[str] | None = None) -> int:
         f"kernel_check: {len(variants)} variants, {len(failing)} failing, "
         f"{len(launcher_errors)} launcher errors, {time.perf_counter() - start:.0f} s"
     )
-    return 1 if failing or launcher_errors or counts["test"]["launcher_errors"] else 0
+    # A gate that compiled nothing (a launcher refactor the recorder no longer sees) must not
+    # pass: every Triton kernel of the project has to be among the checked variants.
+    missing = sorted(set(EXPECTED_KERNELS) - {v.kernel for v in variants})
+    if missing:
+        print(f"FAIL kernel_check: no variant recorded for {', '.join(missing)}")
+    return 1 if failing or missing or launcher_errors or counts["test"]["launcher_errors"] else 0
 
 
 if __name__ == "__main__":

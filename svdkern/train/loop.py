@@ -424,8 +424,8 @@ class Pipeline:
             t0, c0 = time.perf_counter(), time.process_time()
             sums = self._train_epoch(index, epoch, epochs, net, model, opt, reg, steps)
             step_s = (time.perf_counter() - t0) / steps
-            if phase.cuts and (epoch + 1) % cfg["cut_every"] == 0 and epoch + 1 < epochs:
-                self._cut(model, opt, phase, epoch)
+            cut_now = phase.cuts and (epoch + 1) % cfg["cut_every"] == 0 and epoch + 1 < epochs
+            if cut_now and self._cut(model, opt, phase, epoch):
                 if cfg.get("compile"):
                     # The old ranks' graphs are dead: drop them rather than let every cut
                     # add a cache entry until dynamo's recompile limit sends us to eager.
@@ -526,10 +526,11 @@ class Pipeline:
         tuned = self.info.setdefault("tuned_forms", {}).setdefault(phase.name, [])
         tuned.append({"forms": report.forms(), "timed": report.timed, "seconds": report.seconds})
 
-    def _cut(self, model: nn.Module, opt: torch.optim.Optimizer, phase: Phase, epoch: int):
+    def _cut(self, model: nn.Module, opt: torch.optim.Optimizer, phase: Phase, epoch: int) -> bool:
         """Cut ranks by the energy rule (ε = --cut-energy, ranks rounded up to
         --multiple-of) between optimizer steps: process 0 decides, every process applies
-        the same ranks; the optimizer state is sliced with the parameters; forms re-tuned."""
+        the same ranks; the optimizer state is sliced with the parameters; forms re-tuned.
+        Returns whether any rank changed (else the compiled graphs and DDP wrapper stay)."""
         plan = svdkern.prune(
             model,
             energy=self.cfg["cut_energy"],
@@ -541,7 +542,9 @@ class Pipeline:
         if self.env.world > 1:
             dist.broadcast_object_list(ranks, src=0)
         report = svdkern.prune(model, ranks=ranks[0], input_shape=self.input_shape, optimizer=opt)
-        self._tune(model, phase)
+        changed = any(lay.rank_after < lay.rank_before for lay in report.layers)
+        if changed:
+            self._tune(model, phase)
         self.info.setdefault("cuts", []).append(
             {
                 "phase": phase.name,
@@ -556,6 +559,7 @@ class Pipeline:
                 f"[{phase.name}] epoch {epoch + 1}: ranks cut, MACs {report.flops_ratio:.1%} "
                 "of dense"
             )
+        return changed
 
     def _diverged(self, phase: str, epoch: int, step: int, value: float, terms: dict) -> None:
         where = "no checkpoint yet"
