@@ -77,8 +77,9 @@ def _outputs(out) -> list[torch.Tensor]:
     return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
-def _resnet_convs(name: str) -> list[tuple[int, int]]:
-    """(c_out, c_in·kh·kw) of every conv of a ResNet (CIFAR ResNet-20, ImageNet ResNet-50)."""
+def resnet_convs(name: str, with_fc: bool = False) -> list[tuple[int, int]]:
+    """(c_out, c_in·kh·kw) of every conv of a ResNet (CIFAR ResNet-20, ImageNet ResNet-50),
+    and with_fc ResNet-50's final Linear (1000, 2048)."""
     if name == "resnet20":
         convs, c_in = [(16, 27)], 16
         for width in (16, 32, 64):
@@ -93,7 +94,7 @@ def _resnet_convs(name: str) -> list[tuple[int, int]]:
             if b == 0:
                 convs.append((4 * width, c_in))
             c_in = 4 * width
-    return convs
+    return [*convs, (1000, 2048)] if with_fc else convs
 
 
 def _factors(m: int, n: int, r: int, dtype: torch.dtype, device: str):
@@ -133,7 +134,7 @@ def _cases(device: str, smoke: bool, ops: list[str]) -> list[Case]:
             )
     if "compose_grouped" in ops:
         for model in ("resnet20",) if smoke else ("resnet20", "resnet50"):
-            convs = _resnet_convs(model)[: 3 if smoke else None]
+            convs = resnet_convs(model)[: 3 if smoke else None]
             layers = [_factors(m, n, min(m, n), bf16, device) for m, n in convs]
             G = len(layers)
             inputs = [t for i in range(3) for t in (layer[i] for layer in layers)]
@@ -187,7 +188,7 @@ def _cases(device: str, smoke: bool, ops: list[str]) -> list[Case]:
                 )
             )
     if "orth_loss" in ops or "sparsity_loss" in ops:
-        convs = _resnet_convs("resnet20" if smoke else "resnet50")[: 3 if smoke else None]
+        convs = resnet_convs("resnet20" if smoke else "resnet50")[: 3 if smoke else None]
         layers = [_factors(m, n, min(m, n), torch.float32, device) for m, n in convs]
         mats = [t for U, _, V in layers for t in (U, V)]
         svals = [s for _, s, _ in layers]

@@ -36,12 +36,8 @@ def _keep_threads():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
-def test_two_gloo_processes_match_one_process(tmp_path):
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert main(["train", *ARGS, "--out", str(one)]) == 0
-
+def _train_on_two_processes(args: list[str], out) -> None:
+    """`svdkern train *args --out out` under torchrun with 2 gloo processes on this host."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
@@ -49,7 +45,7 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     launch += ["--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
     launch += ["--master-port", str(_free_port())]
     done = subprocess.run(
-        [*launch, "-m", "svdkern", "train", *ARGS, "--out", str(two)],
+        [*launch, "-m", "svdkern", "train", *args, "--out", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -57,6 +53,15 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         timeout=300,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not dist.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_two_gloo_processes_match_one_process(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["train", *ARGS, "--out", str(one)]) == 0
+
+    _train_on_two_processes(ARGS, two)
 
     a = json.loads((one / "report.json").read_text())
     b = json.loads((two / "report.json").read_text())
@@ -87,21 +92,7 @@ def test_adaptive_rank_cuts_under_two_gloo_processes_match_one_process(tmp_path)
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["train", *ADAPTIVE, "--out", str(one)]) == 0
 
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1"]
-    launch += ["--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
-    launch += ["--master-port", str(_free_port())]
-    done = subprocess.run(
-        [*launch, "-m", "svdkern", "train", *ADAPTIVE, "--out", str(two)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _train_on_two_processes(ADAPTIVE, two)
 
     a = json.loads((one / "report.json").read_text())
     b = json.loads((two / "report.json").read_text())

@@ -188,25 +188,6 @@ def _t(*shape: int, dtype) -> object:
     return torch.empty(*shape, dtype=dtype)
 
 
-def resnet_convs(name: str) -> list[tuple[int, int]]:
-    """(c_out, c_in·kh·kw) of every conv: CIFAR ResNet-20 or ImageNet ResNet-50 (+ its fc)."""
-    if name == "resnet20":
-        convs, c_in = [(16, 27)], 16
-        for width in (16, 32, 64):
-            for _ in range(3):
-                convs += [(width, c_in * 9), (width, width * 9)]
-                c_in = width
-        return convs
-    convs, c_in = [(64, 3 * 49)], 64
-    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
-        for b in range(blocks):
-            convs += [(width, c_in), (width, width * 9), (4 * width, width)]
-            if b == 0:
-                convs.append((4 * width, c_in))
-            c_in = 4 * width
-    return [*convs, (1000, 2048)]
-
-
 def _impl(*names: str) -> Callable:
     """The launcher of the first op name that `svdkern.kernels.IMPLS` has."""
     from svdkern.kernels import IMPLS
@@ -306,6 +287,13 @@ def _dtypes(*names: str):
     return [(n, table[n]) for n in names]
 
 
+def resnet_convs(name: str, with_fc: bool = False) -> list[tuple[int, int]]:
+    """The layer shapes of the GPU op benchmark (imported late: it imports torch)."""
+    from bench.bench_ops_gpu import resnet_convs as shapes
+
+    return shapes(name, with_fc)
+
+
 def _full_rank(convs):
     return [(m, n, min(m, n)) for m, n in convs]
 
@@ -317,7 +305,7 @@ def gate_cases() -> list[Case]:
     # two-GEMM path
     lowrank = [(16384, 4096, 4096, r) for r in (16, 64, 128, 256)]
     lowrank += [(1, 4096, 4096, 256), (8192, 2048, 2048, 512)]
-    nets = {name: resnet_convs(name) for name in ("resnet20", "resnet50")}
+    nets = {name: resnet_convs(name, with_fc=True) for name in ("resnet20", "resnet50")}
     return [
         *_compose_cases(
             [
@@ -339,7 +327,7 @@ def gpu_bench_cases() -> list[Case]:
     losses) and the svdkern ops of bench/bench_train_gpu.py's steps (compose_grouped of
     every SVD layer in fp32 and bf16 autocast, the losses in fp32)."""
     bf16, fp32, both = _dtypes("bf16"), _dtypes("fp32"), _dtypes("bf16", "fp32")
-    r20, r50 = resnet_convs("resnet20"), resnet_convs("resnet50")[:-1]
+    r20, r50 = resnet_convs("resnet20"), resnet_convs("resnet50")
     stack = [(4096, 4096, 4096)] * 12
     digits = [(256, 64, 64), (256, 256, 256)]  # the digits MLP's hidden layers, full rank
     return [
@@ -378,7 +366,7 @@ def gpu_test_cases() -> list[Case]:
     odd shapes (they run on the GPU too), fp32, bf16 and fp16."""
     dtypes = _dtypes("fp32", "bf16", "fp16")
     small = [(37, 29, 13), (1, 17, 1), (16, 70, 5), (70, 20, 20), (9, 7, 40), (32, 32, 32)]
-    nets = {"resnet50": resnet_convs("resnet50")[:-1], "small": [(m, n) for m, n, _ in small]}
+    nets = {"resnet50": resnet_convs("resnet50"), "small": [(m, n) for m, n, _ in small]}
     grouped = {
         "small": small,
         "many": [(16 * (1 + i % 4), 144 * (1 + i % 3), 16 * (1 + i % 4)) for i in range(40)],
