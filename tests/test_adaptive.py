@@ -156,6 +156,21 @@ def test_kill_after_a_cut_and_resume_ends_like_an_uninterrupted_run(tmp_path):
     assert strip(_rows(full)) == strip(_rows(killed))
 
 
+@pytest.mark.slow
+def test_resume_applies_the_forms_in_force_instead_of_timing_again(tmp_path):
+    run = tmp_path / "run"
+    crash = _run(*ADAPTIVE, "--out", str(run), "--stop-after-epochs", "6")
+    assert crash.returncode == 75, crash.stderr
+    info = checkpoint.load(run / "checkpoint.pt")["info"]
+    assert info["forms_in_force"]["phase"] == "adaptive"
+    timed_before = info["tuned_forms"]["adaptive"]
+    resumed = _run("--resume", str(run), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    # The rest of the phase (one epoch, no cut) runs with the checkpointed forms: no new timing.
+    doc = json.loads((run / "report.json").read_text())
+    assert doc["prune"]["tuned_forms"]["adaptive"] == timed_before
+
+
 def test_orth_scale_amortizes_the_orthogonality_term(monkeypatch):
     import svdkern
     from svdkern import ops

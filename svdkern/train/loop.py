@@ -414,7 +414,8 @@ class Pipeline:
             )
         steps = steps_per_epoch(self.ds, cfg["batch_size"])
         t_setup, c_setup = time.perf_counter(), time.process_time()
-        self._tune(model, phase)
+        if state is None or not self._restore_forms(model, phase):
+            self._tune(model, phase)
         net = self._wrap(model)
         setup_s = time.perf_counter() - t_setup
         setup_cpu = time.process_time() - c_setup
@@ -525,6 +526,27 @@ class Pipeline:
                 m.set_form(shape, chain, training=training)
         tuned = self.info.setdefault("tuned_forms", {}).setdefault(phase.name, [])
         tuned.append({"forms": report.forms(), "timed": report.timed, "seconds": report.seconds})
+        # The forms in force, checkpointed with `info`: a resumed run applies them instead of
+        # timing again (new timings could choose otherwise and change the numerics).
+        self.info["forms_in_force"] = {
+            "phase": phase.name,
+            "forms": {
+                name: [[training, list(shape), chain] for (training, shape), chain in f.items()]
+                for name, f in forms[0].items()
+            },
+        }
+
+    def _restore_forms(self, model: nn.Module, phase: Phase) -> bool:
+        """On resume: apply the forms the interrupted run had in force in this phase."""
+        saved = self.info.get("forms_in_force")
+        if not (phase.svd and self.cfg.get("tune_forms")) or not saved:
+            return False
+        if saved["phase"] != phase.name:
+            return False
+        for name, m in svd_layers(model):
+            for training, shape, chain in saved["forms"].get(name, []):
+                m.set_form(shape, chain, training=training)
+        return True
 
     def _cut(self, model: nn.Module, opt: torch.optim.Optimizer, phase: Phase, epoch: int) -> bool:
         """Cut ranks by the energy rule (ε = --cut-energy, ranks rounded up to
