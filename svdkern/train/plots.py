@@ -29,6 +29,13 @@ __all__ = [
 _MARKERS = {"dense": "s", "svd": "D", "pruned": "o", "compressed": "x", "posthoc": "^", "trp": "v"}
 
 
+def _save(fig, path: Path) -> None:
+    """Write `fig` to `path` (PNG, 110 dpi) and free it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_spectra(
     before: dict[str, list[float]], after: dict[str, list[float]], path: Path, title: str = ""
 ) -> Path:
@@ -49,9 +56,7 @@ def plot_spectra(
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(title or "singular values per layer (|s|, sorted)", fontsize=10)
     fig.supxlabel("index", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -71,9 +76,7 @@ def plot_ranks(
     ax.set_ylabel("rank")
     ax.set_title(title or "rank per layer", fontsize=10)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -107,9 +110,7 @@ def plot_accuracy_vs_macs(runs: dict[str, dict[str, dict[str, Any]]], path: Path
     ax.set_title("accuracy vs MACs", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -133,9 +134,7 @@ def _epoch_plot(series, ylabel: str, title: str, path: Path) -> Path:
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
