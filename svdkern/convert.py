@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from svdkern.flops import _layer_inputs, _lowrank_is_cheaper
-from svdkern.nn import DECOMPOSITIONS, SVDConv2d, SVDLinear, _svd_layers
+from svdkern.layers import layer_inputs, lowrank_is_cheaper
+from svdkern.nn import DECOMPOSITIONS, SVDConv2d, SVDLinear, svd_layers
 
 __all__ = ["compress", "decompose", "load_state_dict"]
 
@@ -176,16 +176,16 @@ def compress(
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     shapes = (
-        _layer_inputs(model, input_shape) if policy == "flops" and input_shape is not None else {}
+        layer_inputs(model, input_shape) if policy == "flops" and input_shape is not None else {}
     )
     measured = _latency_forms(model, input_shape) if policy == "latency" else {}
     new = copy.deepcopy(model)
     plain: dict[int, nn.Module] = {}
-    for (name, layer), (_, twin) in zip(_svd_layers(model), _svd_layers(new), strict=True):
+    for (name, layer), (_, twin) in zip(svd_layers(model), svd_layers(new), strict=True):
         if policy == "latency":
             lowrank = measured.get(name, False)
         elif policy == "flops":
-            lowrank = _lowrank_is_cheaper(layer, shapes.get(name))
+            lowrank = lowrank_is_cheaper(layer, shapes.get(name))
         else:
             lowrank = policy == "lowrank"
         plain[id(twin)] = twin.to_lowrank() if lowrank else twin.to_dense()
@@ -216,7 +216,7 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], st
         model = svdkern.decompose(make_model())
         svdkern.load_state_dict(model, torch.load("pruned.pt"))
     """
-    for name, layer in _svd_layers(model):
+    for name, layer in svd_layers(model):
         prefix = f"{name}." if name else ""
         U, s, V = (state_dict.get(prefix + key) for key in ("U", "s", "V"))
         if s is None or U is None or V is None:

@@ -19,8 +19,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from svdkern.flops import _dense_macs, _dense_weight_shape, _layer_inputs, _svd_costs, _table
-from svdkern.nn import _svd_layers, _SVDBase
+from svdkern.layers import (
+    dense_macs,
+    dense_weight_shape,
+    format_table,
+    layer_inputs,
+    svd_costs,
+    svd_layers,
+)
+from svdkern.nn import SVDLayer
 
 __all__ = ["LayerPrune", "PruneReport", "prune"]
 
@@ -95,7 +102,7 @@ class PruneReport:
         ]
         if ratio is not None:
             lines.append(f"MACs after / dense = {ratio:.2%}")
-        return _table(header, rows) + "\n" + "; ".join(lines)
+        return format_table(header, rows) + "\n" + "; ".join(lines)
 
 
 def _sorted_energy(s: torch.Tensor) -> torch.Tensor:
@@ -146,12 +153,12 @@ class _Costs:
         self.svd: dict[str, tuple[int, int]] = {}
         for name, calls in shapes.items():
             module = modules[name]
-            if isinstance(module, _SVDBase):
-                dense, chain = _svd_costs(module, calls, rank=1)
+            if isinstance(module, SVDLayer):
+                dense, chain = svd_costs(module, calls, rank=1)
                 self.svd[name] = (dense, chain)
                 self.dense += dense
             else:
-                macs = sum(_dense_macs(module, shape) for shape in calls)
+                macs = sum(dense_macs(module, shape) for shape in calls)
                 self.fixed += macs
                 self.dense += macs
 
@@ -233,7 +240,7 @@ def prune(
         svdkern.prune(model, ranks={"layers.0.0.conv1": 8}, optimizer=opt)
     """
     _check_args(energy, target_flops, multiple_of, ranks)
-    layers = _svd_layers(model)
+    layers = svd_layers(model)
     cums = {name: _sorted_energy(layer.s) for name, layer in layers}
     caps = {name: layer.rank for name, layer in layers}
     given = None if ranks is None else _check_ranks(ranks, caps)
@@ -245,7 +252,7 @@ def prune(
 
     costs = None
     try:
-        costs = _Costs(model, _layer_inputs(model, input_shape))
+        costs = _Costs(model, layer_inputs(model, input_shape))
     except ValueError:
         if target_flops is not None:
             raise
@@ -269,7 +276,7 @@ def prune(
         report.layers.append(
             LayerPrune(
                 name,
-                _dense_weight_shape(layer),
+                dense_weight_shape(layer),
                 layer.rank,
                 k,
                 kept,

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from svdkern import ops
-from svdkern.nn import _svd_layers
+from svdkern.nn import svd_layers
 from svdkern.reference import SPARSITY_KINDS
 
 __all__ = ["SVDRegularizer"]
@@ -64,7 +64,7 @@ class SVDRegularizer:
         self.orth = _check_strength("orth", orth)
         self.strength = _check_strength("strength", strength)
         self.sparsity = sparsity
-        if not _svd_layers(model):
+        if not svd_layers(model):
             raise ValueError(
                 "model has no SVD layers (SVDLinear / SVDConv2d); convert it first with "
                 "svdkern.decompose(model)"
@@ -74,7 +74,7 @@ class SVDRegularizer:
     def __call__(
         self, model: nn.Module | None = None, orth_scale: float = 1.0
     ) -> dict[str, torch.Tensor]:
-        layers = [layer for _, layer in _svd_layers(self.model if model is None else model)]
+        layers = [layer for _, layer in svd_layers(self.model if model is None else model)]
         if not layers:
             raise ValueError("model has no SVD layers (SVDLinear / SVDConv2d)")
         param = layers[0].s

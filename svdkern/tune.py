@@ -39,7 +39,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from svdkern.nn import _svd_layers, _SVDBase
+from svdkern.layers import format_table
+from svdkern.nn import SVDLayer, svd_layers
 
 __all__ = ["LayerForm", "TuneReport", "clear_tune_cache", "tune_forms"]
 
@@ -98,8 +99,6 @@ class TuneReport:
         return {**asdict(self), "timed": self.timed}
 
     def __str__(self) -> str:
-        from svdkern.flops import _table
-
         names = TRAINING_FORMS if self.training else INFERENCE_FORMS
         header = ("layer", "input", "rank", *(f"{n} ms" for n in names), "form")
         rows = [
@@ -114,7 +113,7 @@ class TuneReport:
         ]
         what = "forward + backward" if self.training else "forward"
         return (
-            _table(header, rows)
+            format_table(header, rows)
             + f"\n{what}; {self.timed} timed, {len(self.layers) - self.timed} from the cache, "
             f"{self.seconds:.2f} s"
         )
@@ -140,12 +139,12 @@ def _as_args(example_inputs) -> tuple:
 
 def _record_inputs(
     model: nn.Module, args: tuple, training: bool
-) -> list[tuple[str, _SVDBase, tuple[int, ...], torch.dtype, bool]]:
+) -> list[tuple[str, SVDLayer, tuple[int, ...], torch.dtype, bool]]:
     """(name, layer, input shape, input dtype, input requires grad) of every distinct call of
     every SVD layer in one forward of `args`. The forward runs in eval mode (no batch-norm
     statistics are updated) with gradients on when training, so requires_grad is as in
     training; the train/eval flags are restored."""
-    layers = _svd_layers(model)
+    layers = svd_layers(model)
     seen: dict[tuple, tuple] = {}
 
     def hook(name, layer):
@@ -204,7 +203,7 @@ def _time_interleaved(
 
 
 def _training_candidates(
-    layer: _SVDBase, shape: tuple[int, ...], dtype: torch.dtype, input_grad: bool
+    layer: SVDLayer, shape: tuple[int, ...], dtype: torch.dtype, input_grad: bool
 ) -> dict[str, Callable[[], None]]:
     """fwd + bwd of a copy of `layer` in each form, on a random input of `shape`."""
     fns = {}
@@ -228,7 +227,7 @@ def _training_candidates(
 
 
 def _inference_candidates(
-    layer: _SVDBase, shape: tuple[int, ...], dtype: torch.dtype
+    layer: SVDLayer, shape: tuple[int, ...], dtype: torch.dtype
 ) -> dict[str, Callable[[], None]]:
     """Forward of the deployed forms of `layer` (`to_dense()`, `to_lowrank()`)."""
     device = layer.U.device
@@ -246,7 +245,7 @@ def _inference_candidates(
 
 
 def _measure(
-    layer: _SVDBase,
+    layer: SVDLayer,
     shape: tuple[int, ...],
     dtype: torch.dtype,
     input_grad: bool,
@@ -298,7 +297,7 @@ def tune_forms(
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
     args = _as_args(example_inputs)
-    if not _svd_layers(model):
+    if not svd_layers(model):
         raise ValueError(
             "model has no SVD layers to tune; decompose it first (svdkern.decompose(model))"
         )
