@@ -27,7 +27,7 @@ PLOTS = RESULTS / "plots"
 META = ("device", "torch", "triton", "git_sha", "date")
 TIME_COLUMNS = ("ms", "median_ms")
 # Columns that, with the op, describe a row's problem (in this order) when it has no `case`.
-SHAPE_COLUMNS = ("scenario", "batch", "rows", "m", "n", "r", "rho", "mode_form")
+SHAPE_COLUMNS = ("scenario", "method", "batch", "rows", "m", "n", "r", "rho", "mode_form")
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,12 @@ TARGETS: list[Target] = [
     Target("ResNet-20 b32 step at ρ=0.5 ≤ 1.0× dense", "train_rank_cpu",
            {"scenario": "resnet20", "batch": "32", "rho": "0.5"}, 1.0, column="vs_dense",
            platform="CPU"),
+    Target("ResNet-20 b32 step at ρ=0.25 ≤ 0.8× dense channels-last", "train_rank_cpu",
+           {"scenario": "resnet20", "batch": "32", "rho": "0.25"}, 0.8,
+           column="vs_dense_channels_last", platform="CPU"),
+    Target("ResNet-20 b32 step at ρ=0.5 ≤ 1.0× dense channels-last", "train_rank_cpu",
+           {"scenario": "resnet20", "batch": "32", "rho": "0.5"}, 1.0,
+           column="vs_dense_channels_last", platform="CPU"),
     Target("ResNet-20 b32 step at ρ=0.1 ≤ 1.0× dense", "train_rank_cpu",
            {"scenario": "resnet20", "batch": "32", "rho": "0.1"}, 1.0, column="vs_dense",
            platform="CPU"),
@@ -123,6 +129,10 @@ TARGETS: list[Target] = [
     Target("compress(policy='latency') ≤ 1.0× dense, batch 1 and 256", "deploy_cpu", {},
            1.0, provider="compress-latency", column="vs_dense",
            group_by=("scenario", "rho", "batch"), platform="CPU"),
+    # The main job end to end (`svdkern train`, default data and model, one run per method)
+    Target("svd-adaptive train_seconds ≤ 1.0× dense (same run)", "e2e_cpu",
+           {"method": "svd-adaptive"}, 1.0, provider="adaptive", column="vs_dense",
+           platform="CPU"),
 ]  # fmt: skip
 
 
@@ -148,9 +158,12 @@ def latest_runs(rows: list[dict]) -> dict[str, list[dict]]:
 
 
 def time_of(row: dict) -> float | None:
+    """The row's time in ms (a whole training run's `train_seconds` counts too)."""
     for col in TIME_COLUMNS:
         if row.get(col) not in (None, ""):
             return float(row[col])
+    if row.get("train_seconds") not in (None, ""):
+        return 1e3 * float(row["train_seconds"])
     return None
 
 
@@ -257,6 +270,8 @@ def _fmt(value: str) -> str:
 def normalize(row: dict) -> dict:
     """The fixed columns of a result row: op (with mode), shape, dtype, provider, ms."""
     op = row.get("op") or ("train step" if row.get("scenario") else "")
+    if row.get("train_seconds") not in (None, ""):
+        op = "training run"
     if row.get("mode"):
         op = f"{op} {row['mode']}"
     if row.get("case"):
@@ -292,21 +307,25 @@ def result_table(rows: list[dict], baseline: str) -> list[str]:
 
 
 def plot_train(rows: list[dict], path: Path, title: str) -> bool:
-    if not rows or "vs_dense" not in rows[0]:
-        return False
+    if not rows or "vs_dense" not in rows[0] or "method" in rows[0]:
+        return False  # whole training runs (one per method) are a table only
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = sorted({(r["scenario"], r["batch"], r.get("dtype", "")) for r in rows}, key=str)
+    groups = sorted(
+        {(r["scenario"], r.get("batch", ""), r.get("dtype", "")) for r in rows}, key=str
+    )
     providers = list(dict.fromkeys(r["provider"] for r in rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4))
     width = 0.8 / len(providers)
     for i, provider in enumerate(providers):
         values = []
         for g in groups:
-            match = [r for r in rows if (r["scenario"], r["batch"], r.get("dtype", "")) == g]
+            match = [
+                r for r in rows if (r["scenario"], r.get("batch", ""), r.get("dtype", "")) == g
+            ]
             match = [r for r in match if r["provider"] == provider]
             values.append(float(match[0]["vs_dense"]) if match else 0.0)
         ax.bar([j + i * width for j in range(len(groups))], values, width, label=provider)

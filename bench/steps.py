@@ -12,12 +12,16 @@ A scenario is a model, a batch and a dtype; a provider is how one optimizer step
     trp                 dense weights, SVD of every layer every step (nuclear-norm
                         gradient, energy-rule truncation), as trained rank pruning does
     dense-compiled      the dense step's forward + loss under torch.compile
+    dense-channels-last the dense model run channels-last (`svdkern.set_memory_format`):
+                        the baseline for what the layout alone buys, since tuned svdkern
+                        steps may choose that layout
     svdkern-compiled    the svdkern step's forward + losses under torch.compile (each layer
                         composes its own W inside the graph: no grouped compose)
 
 With rho < 1 every SVD layer is cut to rank max(1, round(rho·full rank)) before the step
-is built (svdkern providers: forms tuned by `svdkern.tune_forms` unless tune=False; the
-reference keeps compose-then-dense, the plain PyTorch way).
+is built (svdkern providers: forms and memory format tuned by `svdkern.tune_forms(...,
+memory_format="auto")` unless tune=False; the reference keeps compose-then-dense and the
+contiguous layout, the plain PyTorch way).
 
 `step_macs` gives the multiply-accumulates one step must do for each provider, so a
 measured time ratio can be set against the ideal ratio.
@@ -35,12 +39,13 @@ from torch import nn
 
 import svdkern
 from svdkern import ops
+from svdkern.tune import set_memory_format
 
 PROVIDERS = ("dense", "svdkern", "reference", "compiled-reference", "trp")
 # The rank-cut training-step benchmark: dense (eager, compiled) and, per rho, these three.
 RANK_PROVIDERS = ("svdkern", "svdkern-compiled", "compiled-reference")
-DENSE_PROVIDERS = ("dense", "dense-compiled")
-ALL_PROVIDERS = (*PROVIDERS, "dense-compiled", "svdkern-compiled")
+DENSE_PROVIDERS = ("dense", "dense-compiled", "dense-channels-last")
+ALL_PROVIDERS = (*PROVIDERS, "dense-compiled", "dense-channels-last", "svdkern-compiled")
 LAMBDA_ORTH, LAMBDA_SPARSITY, TRP_NUCLEAR, TRP_ENERGY = 1.0, 0.07, 1e-4, 1e-3
 
 
@@ -154,10 +159,12 @@ def make_step(
         if rho < 1.0:
             cut_ranks(model, rho)
         if ours and tune:
-            svdkern.tune_forms(model, x, training=True)
+            svdkern.tune_forms(model, x, training=True, memory_format="auto")
         reg = svdkern.SVDRegularizer(
             model, orth=LAMBDA_ORTH, sparsity="hoyer", strength=LAMBDA_SPARSITY
         )
+    if provider == "dense-channels-last":
+        set_memory_format(model, "channels_last")
     trp_layers = _dense_layers(model) if provider == "trp" else []
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     autocast = sc.dtype in (torch.bfloat16, torch.float16)
@@ -232,6 +239,7 @@ def step_macs(sc: Scenario, rho: float = 1.0) -> dict[str, float]:
     return {
         "dense": dense,
         "dense-compiled": dense,
+        "dense-channels-last": dense,
         "svdkern": svd,
         "svdkern-compiled": svd,
         "reference": ref,

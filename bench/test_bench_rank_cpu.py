@@ -1,15 +1,18 @@
 """CPU training step at reduced rank (`make bench`): what a rank cut buys during training.
 
 Per scenario (ResNet-20 batch 32, a wide MLP stack batch 32), one Adam step with the
-regularizer of: dense eager and compiled, and at each rank fraction rho ∈ {1, 0.5, 0.25,
-0.1} (every decomposed layer cut to max(1, round(rho · full rank))) svdkern eager and
-compiled with forms measured by `svdkern.tune_forms`, and the compiled plain-PyTorch SVD
+regularizer of: dense eager, channels-last and compiled, and at each rank fraction
+rho ∈ {1, 0.5, 0.25, 0.1} (every decomposed layer cut to max(1, round(rho · full rank)))
+svdkern eager and compiled with forms and memory format measured by `svdkern.tune_forms`,
+and the compiled plain-PyTorch SVD
 step (compose-then-dense, per-layer losses). All providers of a scenario run
 interleaved, one step each per round.
 
 Targets (2 cores): ResNet-20 svdkern ≤ 0.8× dense at rho = 0.25 and ≤ 1.0× at rho ≤ 0.5;
 svdkern-compiled ≤ compiled-reference at every rho. Rows go to
-bench/results/train_rank_cpu.csv: vs_dense (eager dense), vs_dense_compiled,
+bench/results/train_rank_cpu.csv: vs_dense (eager dense), vs_dense_channels_last (the dense
+model run channels-last: tuned svdkern steps may pick that layout, so this ratio is what
+the rank cut buys beyond the layout), vs_dense_compiled,
 vs_compiled_reference (same rho), and the ideal ratio of the FLOP model.
 """
 
@@ -33,6 +36,7 @@ ROUNDS = 1 if SMOKE else 15
 def _rows(name: str, batch: int, times: dict[tuple[str, float], list[float]]) -> list[dict]:
     med = {key: statistics.median(t) for key, t in times.items()}
     dense, dense_c = med[("dense", 1.0)], med[("dense-compiled", 1.0)]
+    dense_cl = med[("dense-channels-last", 1.0)]
     rows = []
     for (provider, rho), t in times.items():
         q = statistics.quantiles(t, n=4) if len(t) > 1 else [t[0]] * 3
@@ -48,6 +52,7 @@ def _rows(name: str, batch: int, times: dict[tuple[str, float], list[float]]) ->
                 "iqr_ms": (q[2] - q[0]) * 1e3,
                 "ideal_vs_dense": macs[provider] / macs["dense"],
                 "vs_dense": med[(provider, rho)] / dense,
+                "vs_dense_channels_last": med[(provider, rho)] / dense_cl,
                 "vs_dense_compiled": med[(provider, rho)] / dense_c,
                 "vs_compiled_reference": "" if ref is None else med[(provider, rho)] / ref,
                 "threads": torch.get_num_threads(),

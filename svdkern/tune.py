@@ -42,7 +42,7 @@ from torch import nn
 from svdkern.layers import format_table
 from svdkern.nn import SVDLayer, svd_layers
 
-__all__ = ["LayerForm", "TuneReport", "clear_tune_cache", "tune_forms"]
+__all__ = ["LayerForm", "TuneReport", "clear_tune_cache", "set_memory_format", "tune_forms"]
 
 TRAINING_FORMS = ("compose", "chain")
 INFERENCE_FORMS = ("dense", "lowrank")
@@ -51,6 +51,8 @@ _MAX_CALLS = 64
 # For inference the low-rank pair replaces the dense layer only when it is at least this
 # much faster: a deployed model must not get slower by timing noise.
 _DEPLOY_MARGIN = 0.05
+
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 # key → (chosen form, {form: median ms})
 _CACHE: dict[tuple, tuple[str, dict[str, float]]] = {}
@@ -83,6 +85,9 @@ class TuneReport:
     training: bool
     seconds: float
     layers: list[LayerForm] = field(default_factory=list)
+    # memory_format="auto": the format chosen and {format: median ms of a model step}.
+    memory_format: str | None = None
+    memory_format_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def timed(self) -> int:
@@ -112,11 +117,15 @@ class TuneReport:
             for lay in self.layers
         ]
         what = "forward + backward" if self.training else "forward"
-        return (
+        text = (
             format_table(header, rows)
             + f"\n{what}; {self.timed} timed, {len(self.layers) - self.timed} from the cache, "
             f"{self.seconds:.2f} s"
         )
+        if self.memory_format_ms:
+            times = ", ".join(f"{k} {v:.3f} ms" for k, v in self.memory_format_ms.items())
+            text += f"\nmodel step by memory format: {times}; chosen: {self.memory_format}"
+        return text
 
 
 def clear_tune_cache() -> None:
@@ -137,21 +146,30 @@ def _as_args(example_inputs) -> tuple:
     )
 
 
+def _channels_last(x: torch.Tensor) -> bool:
+    """Whether a 4-D tensor is laid out channels-last (NHWC) rather than contiguous."""
+    return (
+        x.dim() == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
 def _record_inputs(
     model: nn.Module, args: tuple, training: bool
-) -> list[tuple[str, SVDLayer, tuple[int, ...], torch.dtype, bool]]:
-    """(name, layer, input shape, input dtype, input requires grad) of every distinct call of
-    every SVD layer in one forward of `args`. The forward runs in eval mode (no batch-norm
-    statistics are updated) with gradients on when training, so requires_grad is as in
-    training; the train/eval flags are restored."""
+) -> list[tuple[str, SVDLayer, tuple[int, ...], torch.dtype, bool, bool]]:
+    """(name, layer, input shape, input dtype, input requires grad, input channels-last) of
+    every distinct call of every SVD layer in one forward of `args`. The forward runs in
+    eval mode (no batch-norm statistics are updated) with gradients on when training, so
+    requires_grad is as in training; the train/eval flags are restored."""
     layers = svd_layers(model)
     seen: dict[tuple, tuple] = {}
 
     def hook(name, layer):
         def record(module, inputs):
             x = inputs[0]
-            key = (name, tuple(x.shape), x.dtype, x.requires_grad)
-            seen.setdefault(key, (name, layer, tuple(x.shape), x.dtype, x.requires_grad))
+            call = (name, layer, tuple(x.shape), x.dtype, x.requires_grad, _channels_last(x))
+            seen.setdefault((name, *call[2:]), call)
 
         return record
 
@@ -202,13 +220,23 @@ def _time_interleaved(
     return {name: 1e3 * statistics.median(v) for name, v in samples.items()}
 
 
+def _example(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, channels_last: bool
+) -> torch.Tensor:
+    x = torch.randn(shape, device=device, dtype=dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 def _training_candidates(
-    layer: SVDLayer, shape: tuple[int, ...], dtype: torch.dtype, input_grad: bool
+    layer: SVDLayer,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    input_grad: bool,
+    channels_last: bool,
 ) -> dict[str, Callable[[], None]]:
     """fwd + bwd of a copy of `layer` in each form, on a random input of `shape`."""
     fns = {}
-    device = layer.U.device
-    x = torch.randn(shape, device=device, dtype=dtype, requires_grad=input_grad)
+    x = _example(shape, dtype, layer.U.device, channels_last).requires_grad_(input_grad)
     for form in TRAINING_FORMS:
         twin = copy.deepcopy(layer).train()
         twin.mode = form
@@ -227,12 +255,13 @@ def _training_candidates(
 
 
 def _inference_candidates(
-    layer: SVDLayer, shape: tuple[int, ...], dtype: torch.dtype
+    layer: SVDLayer, shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool
 ) -> dict[str, Callable[[], None]]:
     """Forward of the deployed forms of `layer` (`to_dense()`, `to_lowrank()`)."""
-    device = layer.U.device
-    x = torch.randn(shape, device=device, dtype=dtype)
+    x = _example(shape, dtype, layer.U.device, channels_last)
     modules = {"dense": layer.to_dense().eval(), "lowrank": layer.to_lowrank().eval()}
+    if channels_last:
+        modules = {form: m.to(memory_format=torch.channels_last) for form, m in modules.items()}
 
     def forward(module: nn.Module) -> Callable[[], None]:
         def run() -> None:
@@ -249,15 +278,134 @@ def _measure(
     shape: tuple[int, ...],
     dtype: torch.dtype,
     input_grad: bool,
+    channels_last: bool,
     training: bool,
     repeats: int,
 ) -> dict[str, float]:
     """{form: median ms} of `layer`'s candidate forms at input `shape`."""
     if training:
-        fns = _training_candidates(layer, shape, dtype, input_grad)
+        fns = _training_candidates(layer, shape, dtype, input_grad, channels_last)
     else:
-        fns = _inference_candidates(layer, shape, dtype)
+        fns = _inference_candidates(layer, shape, dtype, channels_last)
     return _time_interleaved(fns, repeats, layer.U.device)
+
+
+def _to_channels_last(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: 4-D floating-point tensor arguments as channels-last."""
+    return tuple(
+        a.contiguous(memory_format=torch.channels_last)
+        if isinstance(a, torch.Tensor) and a.dim() == 4 and a.is_floating_point()
+        else a
+        for a in args
+    )
+
+
+def set_memory_format(model: nn.Module, memory_format: str) -> nn.Module:
+    """Run `model`'s image activations in `memory_format`: "channels_last" (NHWC) or
+    "contiguous" (NCHW, PyTorch's default).
+
+    "channels_last" converts the 4-D parameters and buffers (dense conv weights) and
+    registers a forward pre-hook on `model` that converts its 4-D floating-point inputs;
+    convolutions, batch norm, activations and pooling then keep that layout from layer
+    to layer (SVD conv layers included), so oneDNN on CPU runs without a reorder per
+    conv. "contiguous" undoes it. The function computed is unchanged; returns `model`.
+    """
+    if memory_format not in MEMORY_FORMATS:
+        raise ValueError(
+            f"memory_format must be one of {tuple(MEMORY_FORMATS)}, got {memory_format!r}"
+        )
+    model.to(memory_format=MEMORY_FORMATS[memory_format])
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if hook is _to_channels_last:
+            del model._forward_pre_hooks[key]
+    if memory_format == "channels_last":
+        model.register_forward_pre_hook(_to_channels_last)
+    return model
+
+
+def memory_format_of(model: nn.Module) -> str:
+    """The format `set_memory_format` last gave `model` ("contiguous" if never)."""
+    hooks = model._forward_pre_hooks.values()
+    return "channels_last" if any(h is _to_channels_last for h in hooks) else "contiguous"
+
+
+def _model_step(model: nn.Module, args: tuple, training: bool) -> Callable[[], None]:
+    """One forward (+ backward of the outputs' sum when training) of `model` on `args`."""
+
+    def step() -> None:
+        if not training:
+            with torch.no_grad():
+                model(*args)
+            return
+        out = model(*args)
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        loss = sum(o.float().sum() for o in outs if isinstance(o, torch.Tensor))
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+
+    model.train(training)
+    return step
+
+
+def _tune_memory_format(
+    model: nn.Module, args: tuple, training: bool, repeats: int, use_cache: bool
+) -> dict[str, float]:
+    """{format: median ms of a model step} with each format and its own tuned forms, timed
+    on copies of `model` (its weights, statistics and gradients stay untouched)."""
+    steps = {}
+    for fmt in MEMORY_FORMATS:
+        twin = set_memory_format(copy.deepcopy(model), fmt)
+        _tune_layers(twin, args, training, repeats, use_cache, TuneReport(training, 0.0))
+        steps[fmt] = _model_step(twin, args, training)
+    device = next(model.parameters()).device
+    return _time_interleaved(steps, repeats, device)
+
+
+def _tune_layers(
+    model: nn.Module,
+    args: tuple,
+    training: bool,
+    repeats: int,
+    use_cache: bool,
+    report: TuneReport,
+) -> None:
+    """Time (or take from the cache) every SVD layer's forms at the inputs `args` give it;
+    fix the training choice in the layer; append a LayerForm per call to `report`."""
+    calls = _record_inputs(model, args, training)
+    for name, layer, shape, dtype, input_grad, channels_last in calls:
+        device = layer.U.device
+        key = (
+            type(layer).__name__,
+            layer._geometry(),
+            layer.rank,
+            shape,
+            input_grad and training,
+            channels_last,
+            str(device),
+            dtype,
+            layer.U.dtype,
+            torch.get_num_threads(),
+            bool(training),
+        )
+        cached = use_cache and key in _CACHE
+        if cached:
+            form, times = _CACHE[key]
+        else:
+            times = _measure(layer, shape, dtype, input_grad, channels_last, training, repeats)
+            form = min(times, key=times.get)
+            if not training and times["lowrank"] > (1 - _DEPLOY_MARGIN) * times["dense"]:
+                form = "dense"
+            _CACHE[key] = (form, times)
+        if training:
+            # Inference times compare the deployed dense layer with the low-rank pair, not
+            # the SVD layer's own eval forward (which recomposes W per call): they inform
+            # `compress(policy="latency")` and leave the layer's forms alone.
+            layer.set_form(shape, form == "chain", training=True)
+        report.layers.append(
+            LayerForm(
+                name, shape, layer.rank, layer.full_rank, bool(training), dict(times), form, cached
+            )
+        )
 
 
 def tune_forms(
@@ -267,6 +415,7 @@ def tune_forms(
     training: bool = True,
     repeats: int = 5,
     use_cache: bool = True,
+    memory_format: str | None = None,
 ) -> TuneReport:
     """Time every SVD layer's forms on the model's device and fix the fastest in each layer.
 
@@ -284,6 +433,13 @@ def tune_forms(
         repeats: interleaved timing rounds per candidate (median of them decides), ≥ 1.
         use_cache: reuse earlier measurements of the same layer geometry, rank, input,
             device, dtype and thread count.
+        memory_format: None leaves the model's layout alone; "contiguous" or
+            "channels_last" sets it (`set_memory_format`); "auto" (image inputs only)
+            tunes the layers under both layouts on copies of the model, times a whole
+            model step with each, and keeps channels-last only when it is ≥ 5% faster.
+            The layout is part of the form: on CPU, oneDNN runs thin convolutions far
+            faster channels-last (no reorder per conv), which is what makes low-rank
+            conv chains pay off there.
     Returns:
         TuneReport (per layer and input shape: median ms of each candidate, the choice;
         `str(report)` is a table).
@@ -301,41 +457,23 @@ def tune_forms(
         raise ValueError(
             "model has no SVD layers to tune; decompose it first (svdkern.decompose(model))"
         )
+    if memory_format not in (None, "auto", *MEMORY_FORMATS):
+        raise ValueError(
+            f"memory_format must be None, 'auto' or one of {tuple(MEMORY_FORMATS)}, "
+            f"got {memory_format!r}"
+        )
     start = time.perf_counter()
     report = TuneReport(bool(training), 0.0)
-    calls = _record_inputs(model, args, training)
-    for name, layer, shape, dtype, input_grad in calls:
-        device = layer.U.device
-        key = (
-            type(layer).__name__,
-            layer._geometry(),
-            layer.rank,
-            shape,
-            input_grad and training,
-            str(device),
-            dtype,
-            layer.U.dtype,
-            torch.get_num_threads(),
-            bool(training),
-        )
-        cached = use_cache and key in _CACHE
-        if cached:
-            form, times = _CACHE[key]
-        else:
-            times = _measure(layer, shape, dtype, input_grad, training, repeats)
-            form = min(times, key=times.get)
-            if not training and times["lowrank"] > (1 - _DEPLOY_MARGIN) * times["dense"]:
-                form = "dense"
-            _CACHE[key] = (form, times)
-        if training:
-            # Inference times compare the deployed dense layer with the low-rank pair, not
-            # the SVD layer's own eval forward (which recomposes W per call): they inform
-            # `compress(policy="latency")` and leave the layer's forms alone.
-            layer.set_form(shape, form == "chain", training=True)
-        report.layers.append(
-            LayerForm(
-                name, shape, layer.rank, layer.full_rank, bool(training), dict(times), form, cached
-            )
-        )
+    images = any(isinstance(a, torch.Tensor) and a.dim() == 4 for a in args)
+    if memory_format == "auto" and images:
+        report.memory_format_ms = _tune_memory_format(model, args, training, repeats, use_cache)
+        times = report.memory_format_ms
+        # NHWC must win clearly: a layout change by timing noise would be churn.
+        faster = times["channels_last"] < (1 - _DEPLOY_MARGIN) * times["contiguous"]
+        memory_format = "channels_last" if faster else "contiguous"
+    if memory_format in MEMORY_FORMATS:
+        set_memory_format(model, memory_format)
+    report.memory_format = memory_format_of(model)
+    _tune_layers(model, args, training, repeats, use_cache, report)
     report.seconds = time.perf_counter() - start
     return report

@@ -163,12 +163,57 @@ def test_resume_applies_the_forms_in_force_instead_of_timing_again(tmp_path):
     assert crash.returncode == 75, crash.stderr
     info = checkpoint.load(run / "checkpoint.pt")["info"]
     assert info["forms_in_force"]["phase"] == "adaptive"
+    assert info["forms_in_force"]["memory_format"] in ("contiguous", "channels_last")
     timed_before = info["tuned_forms"]["adaptive"]
     resumed = _run("--resume", str(run), "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     # The rest of the phase (one epoch, no cut) runs with the checkpointed forms: no new timing.
     doc = json.loads((run / "report.json").read_text())
     assert doc["prune"]["tuned_forms"]["adaptive"] == timed_before
+
+
+def test_apply_forms_sets_the_layers_forms_and_the_memory_format():
+    import svdkern
+    from svdkern.train.loop import _apply_forms
+    from svdkern.train.models import build_model
+    from svdkern.tune import memory_format_of
+
+    model = svdkern.decompose(build_model("cnn", (1, 8, 8), 10), skip=["fc"])
+    name, layer = svdkern.nn.svd_layers(model)[0]
+    _apply_forms(model, {name: {(True, (4, 1, 8, 8)): True}}, "channels_last")
+    assert layer.forms == {(True, (4, 1, 8, 8)): True}
+    assert memory_format_of(model) == "channels_last"
+    _apply_forms(model, {}, "contiguous")
+    assert memory_format_of(model) == "contiguous"
+
+
+def test_every_process_applies_the_ranks_and_forms_process_0_decided(tmp_path, monkeypatch):
+    """Under DDP a cut's ranks and the tuned forms/layout come from process 0: here this
+    process is rank 1 of 2 and "process 0" (the patched broadcast) decided otherwise."""
+    from svdkern.nn import svd_layers
+    from svdkern.train import loop
+    from svdkern.tune import memory_format_of
+
+    cfg = _resolve(*ADAPTIVE, "--out", str(tmp_path / "run"))
+    pipe = loop.Pipeline(cfg, loop.Env(1, 2, torch.device("cpu")))
+    model = pipe.start_model("adaptive")
+    opt = loop._make_optimizer(model.parameters(), cfg)
+    decided = {name: 1 for name, _ in svd_layers(model)}
+    sources = []
+
+    def broadcast(objects, src):
+        sources.append(src)
+        if len(objects) == 1:  # the cut's ranks
+            objects[0] = dict(decided)
+        else:  # [forms, memory format] after the cut's re-tuning
+            objects[1] = "channels_last"
+
+    monkeypatch.setattr(loop.dist, "broadcast_object_list", broadcast)
+    assert pipe._cut(model, opt, loop.PHASES["adaptive"], 0)
+    assert sources == [0, 0]
+    assert {name: m.rank for name, m in svd_layers(model)} == decided
+    assert memory_format_of(model) == "channels_last"
+    assert pipe.info["forms_in_force"]["memory_format"] == "channels_last"
 
 
 def test_orth_scale_amortizes_the_orthogonality_term(monkeypatch):

@@ -154,3 +154,104 @@ def test_tune_rejects_bad_arguments(kwargs, error, match):
 def test_tune_needs_svd_layers():
     with pytest.raises(ValueError, match="decompose"):
         svdkern.tune_forms(nn.Linear(4, 4), torch.randn(2, 4))
+
+
+# ---------------------------------------------------------------- memory format
+
+
+def test_set_memory_format_keeps_the_function_and_is_undone():
+    torch.manual_seed(0)
+    model = _cnn().eval()
+    x = torch.randn(2, 3, 6, 6)
+    before = model(x)
+    tune.set_memory_format(model, "channels_last")
+    assert tune.memory_format_of(model) == "channels_last"
+    seen = []
+    hook = model[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    after = model(x)
+    assert seen[-1].is_contiguous(memory_format=torch.channels_last)
+    assert not seen[-1].is_contiguous()
+    torch.testing.assert_close(after, before)
+    # Setting it again registers no second hook; "contiguous" removes it.
+    tune.set_memory_format(model, "channels_last")
+    assert len(model._forward_pre_hooks) == 1
+    tune.set_memory_format(model, "contiguous")
+    assert tune.memory_format_of(model) == "contiguous" and not model._forward_pre_hooks
+    model(x)
+    assert seen[-1].is_contiguous()
+    hook.remove()
+
+
+def test_set_memory_format_survives_deepcopy_independently():
+    import copy
+
+    model = tune.set_memory_format(_cnn(), "channels_last")
+    twin = copy.deepcopy(model)
+    tune.set_memory_format(twin, "contiguous")
+    assert tune.memory_format_of(model) == "channels_last"
+    assert tune.memory_format_of(twin) == "contiguous"
+
+
+def test_set_memory_format_rejects_unknown_formats():
+    with pytest.raises(ValueError, match="memory_format must be one of"):
+        tune.set_memory_format(_cnn(), "nhwc")
+    with pytest.raises(ValueError, match="memory_format must be None, 'auto'"):
+        svdkern.tune_forms(_cnn(), torch.randn(2, 3, 6, 6), memory_format=torch.channels_last)
+
+
+def test_auto_memory_format_times_both_and_changes_nothing_else(monkeypatch):
+    torch.manual_seed(0)
+    model = _cnn()
+    x = torch.randn(4, 3, 6, 6)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.eval()
+    before = model(x)
+    model.train()
+    # Make channels-last the clear winner so the choice is deterministic.
+    real = tune._time_interleaved
+
+    def timed(fns, repeats, device):
+        if set(fns) == set(tune.MEMORY_FORMATS):
+            return {"contiguous": 2.0, "channels_last": 1.0}
+        return real(fns, repeats, device)
+
+    monkeypatch.setattr(tune, "_time_interleaved", timed)
+    report = svdkern.tune_forms(model, x, training=True, repeats=1, memory_format="auto")
+    assert report.memory_format == "channels_last"
+    assert report.memory_format_ms == {"contiguous": 2.0, "channels_last": 1.0}
+    assert "chosen: channels_last" in str(report)
+    assert tune.memory_format_of(model) == "channels_last"
+    for key, value in model.state_dict().items():  # BN statistics and weights untouched
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0, msg=key)
+    assert all(p.grad is None for p in model.parameters())
+    model.eval()
+    torch.testing.assert_close(model(x), before)
+    # The convs were timed under both layouts (separate cache entries), so going back to
+    # contiguous times nothing again.
+    layouts = {key[5] for key in tune._CACHE if key[0] == "SVDConv2d"}
+    assert layouts == {True, False}
+    tune.set_memory_format(model, "contiguous")
+    again = svdkern.tune_forms(model, x, training=True, repeats=1)
+    assert again.memory_format == "contiguous" and again.timed == 0
+
+
+def test_auto_memory_format_keeps_contiguous_unless_clearly_faster(monkeypatch):
+    real = tune._time_interleaved
+
+    def timed(fns, repeats, device):
+        if set(fns) == set(tune.MEMORY_FORMATS):
+            return {"contiguous": 1.0, "channels_last": 0.97}  # within the 5% margin
+        return real(fns, repeats, device)
+
+    monkeypatch.setattr(tune, "_time_interleaved", timed)
+    model = _cnn()
+    report = svdkern.tune_forms(model, torch.randn(2, 3, 6, 6), repeats=1, memory_format="auto")
+    assert report.memory_format == "contiguous"
+    assert tune.memory_format_of(model) == "contiguous"
+
+
+def test_auto_memory_format_ignores_models_without_image_inputs():
+    model = nn.Sequential(SVDLinear(8, 8), nn.ReLU(), SVDLinear(8, 4))
+    report = svdkern.tune_forms(model, torch.randn(3, 8), repeats=1, memory_format="auto")
+    assert report.memory_format == "contiguous" and report.memory_format_ms == {}
+    assert not model._forward_pre_hooks

@@ -1,0 +1,74 @@
+"""End-to-end wall-clock of the main job (`make bench`): `svdkern train` once per method
+on the default data and model, each run training its own dense baseline.
+
+Rows (bench/results/e2e_cpu.csv), one per model of each run's report: train_seconds (the
+wall-clock of all the training that produced the model, `models.<name>.train_seconds`),
+vs_dense = train_seconds / the same run's dense train_seconds, test accuracy, MACs as
+deployed, and the deployed model's latency at batch 1 and 256. Runs are sequential (one
+run cannot interleave with another), so each ratio compares phases of one process on one
+machine state; the absolute seconds of different runs are comparable only roughly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.conftest import SMOKE
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("svd-adaptive",) if SMOKE else ("svd", "svd-adaptive", "trp")
+# The smoke run checks the plumbing on tiny synthetic data and a few epochs.
+SMOKE_ARGS = ["--data", "synthetic", "--dense-epochs", "2", "--finetune-epochs", "1"]
+
+
+def _train(method: str, out: Path) -> dict:
+    args = ["--method", method, "--out", str(out), "--quiet", "--seed", "0"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run(
+        [sys.executable, "-m", "svdkern", "train", *args, *(SMOKE_ARGS if SMOKE else [])],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_end_to_end(benchmark, method, tmp_path):
+    doc: dict = {}
+
+    def once():
+        doc.update(_train(method, tmp_path / method))
+
+    benchmark.group = f"e2e-{method}"
+    benchmark.pedantic(once, rounds=1, warmup_rounds=0)
+    models = doc["models"]
+    dense_s = models["dense"]["train_seconds"]
+    rows = []
+    for name, result in models.items():
+        latency = result.get("latency_ms") or {}
+        rows.append(
+            {
+                "scenario": "digits-cnn" if not SMOKE else "synthetic",
+                "method": method,
+                "provider": name,
+                "train_seconds": result["train_seconds"],
+                "vs_dense": result["train_seconds"] / dense_s,
+                "accuracy": result.get("accuracy"),
+                "macs": result.get("macs"),
+                "latency_ms_b1": latency.get("1", ""),
+                "latency_ms_b256": latency.get("256", ""),
+                "threads": torch.get_num_threads(),
+            }
+        )
+    benchmark.extra_info.update(result="e2e_cpu", rows=rows)
