@@ -23,7 +23,11 @@ COMPAT_PY     := $(CURDIR)/$(COMPAT_VENV)/bin/python
 # scalar raises "only 0-dimensional arrays can be converted to Python scalars"; fixed in
 # later triton). Also the dev and train extras of pyproject.toml (ruff aside).
 COMPAT_PKGS   := torch==2.11.0 triton==3.6.0 "numpy<2.4" setuptools wheel \
-                 pytest pytest-benchmark hypothesis scikit-learn matplotlib tqdm
+                 pytest pytest-benchmark hypothesis "transformers>=5.0,<6" \
+                 scikit-learn matplotlib tqdm
+# One stamp per package list: an existing venv gets the packages added to the list (a pip
+# install of what is missing, seconds) instead of being rebuilt.
+COMPAT_STAMP  := $(COMPAT_VENV)/.pkgs-$(shell printf '%s' '$(COMPAT_PKGS)' | sha1sum | cut -c1-12)
 # Python 3.12 when this machine has one, else python3.
 COMPAT_PYTHON ?= $(shell for p in python3.12 $(wildcard /root/.pyenv/versions/3.12*/bin/python3.12); \
                    do $$p -c "" 2>/dev/null && { echo $$p; break; }; done)
@@ -77,13 +81,16 @@ $(COMPAT_VENV)/.installed:
 		echo "test-compat: no python3.12 found; using python3 ($$(python3 --version))"; fi
 	$(or $(COMPAT_PYTHON),python3) -m venv $(COMPAT_VENV)
 	@echo '*' > $(COMPAT_VENV)/.gitignore
+	@touch $@
+
+$(COMPAT_STAMP): $(COMPAT_VENV)/.installed
 	set -o pipefail; $(COMPAT_VENV)/bin/pip install -q $(COMPAT_PKGS) 2>&1 | \
 		{ grep -v "is ignored: it is neither a file nor a directory" || true; }
-	@touch $@
+	@rm -f $(COMPAT_VENV)/.pkgs-* && touch $@
 
 # The tree (tracked and new files, as git sees them) mirrored into $(COMPAT_SRC), and the
 # extension built there in place against torch 2.11 (again only when a source changed).
-compat-build: $(COMPAT_VENV)/.installed
+compat-build: $(COMPAT_STAMP)
 	@mkdir -p $(COMPAT_SRC) && echo '*' > $(COMPAT_DIR)/.gitignore
 	$(COMPAT_PY) tools/sync_tree.py $(COMPAT_SRC)
 	cd $(COMPAT_SRC) && $(COMPAT_PY) setup.py -q build_ext --inplace

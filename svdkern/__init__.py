@@ -7,21 +7,34 @@ layers in grouped calls.
 """
 
 from svdkern import ops
-from svdkern.convert import compress, decompose, load_state_dict
+from svdkern.convert import (
+    DecomposeReport,
+    DecomposeWarning,
+    LayerPlan,
+    compress,
+    decompose,
+    load_state_dict,
+    plan,
+)
 from svdkern.flops import FlopsReport, flops
-from svdkern.nn import SVDConv2d, SVDLinear, grouped_compose
+from svdkern.nn import SVDConv1d, SVDConv2d, SVDLinear, SVDMultiheadAttention, grouped_compose
 from svdkern.ops import backend
 from svdkern.prune import PruneReport, prune
 from svdkern.regularize import SVDRegularizer
-from svdkern.tune import TuneReport, clear_tune_cache, tune_forms
+from svdkern.tune import TuneReport, clear_tune_cache, set_memory_format, tune_forms
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DecomposeReport",
+    "DecomposeWarning",
     "FlopsReport",
+    "LayerPlan",
     "PruneReport",
+    "SVDConv1d",
     "SVDConv2d",
     "SVDLinear",
+    "SVDMultiheadAttention",
     "SVDRegularizer",
     "TuneReport",
     "__version__",
@@ -33,6 +46,8 @@ __all__ = [
     "grouped_compose",
     "load_state_dict",
     "ops",
+    "plan",
     "prune",
+    "set_memory_format",
     "tune_forms",
 ]

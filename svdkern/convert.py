@@ -1,8 +1,9 @@
-"""Model conversion: dense → SVD (`decompose`), SVD → plain low-rank torch (`compress`),
-and loading checkpoints of pruned SVD models (`load_state_dict`).
+"""Model conversion: dense → SVD (`decompose`, planned by `plan`), SVD → plain low-rank torch
+(`compress`), and loading checkpoints of pruned SVD models (`load_state_dict`).
 
 Example::
 
+    print(svdkern.plan(model, skip=["fc"]))     # what decompose would convert, and why not
     model = svdkern.decompose(model, decomposition="channel", skip=["fc"])
     ...                                         # train with SVDRegularizer, prune
     deployable = svdkern.compress(model)        # plain nn.Linear / nn.Conv2d only
@@ -12,98 +13,661 @@ Example::
 from __future__ import annotations
 
 import copy
+import fnmatch
+import inspect
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from svdkern.layers import layer_inputs, lowrank_is_cheaper
-from svdkern.nn import DECOMPOSITIONS, SVDConv2d, SVDLinear, svd_layers
+from svdkern.layers import example_call, format_table, layer_inputs, lowrank_is_cheaper
+from svdkern.nn import (
+    DECOMPOSITIONS,
+    SVDConv1d,
+    SVDConv2d,
+    SVDLayer,
+    SVDLinear,
+    SVDMultiheadAttention,
+    is_conv1d_like,
+    svd_layers,
+)
 
-__all__ = ["compress", "decompose", "load_state_dict"]
+__all__ = [
+    "DecomposeReport",
+    "DecomposeWarning",
+    "LayerPlan",
+    "compress",
+    "decompose",
+    "load_state_dict",
+    "plan",
+]
 
-Skip = Iterable[str] | Callable[[str, nn.Module], bool] | None
+SkipEntry = str | type | Callable[[str, nn.Module], bool]
+Skip = SkipEntry | Iterable[SkipEntry] | None
 POLICIES = ("flops", "latency", "lowrank", "dense")
+MHA_OPTIONS = ("split", "fused", "skip")
+
+# Hook tables moved from a replaced module to its SVD layer. The tables themselves move
+# (not copies), so the RemovableHandles the user holds still remove their hooks.
+_CALL_HOOKS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
+# State-dict hooks refer to the dense layer's keys (weight, bias), which an SVD layer
+# does not have: they are dropped, and named in the report.
+_STATE_HOOKS = (
+    "_state_dict_pre_hooks",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+_MAX_LISTED = 20
+# Set by decompose (given example inputs) on an SVD layer whose weight its parent reads:
+# compress keeps such a layer dense even without an example of its own.
+_READ_MARK = "_svdkern_weight_read"
 
 
-def _skip_predicate(model: nn.Module, skip: Skip) -> Callable[[str, nn.Module], bool]:
+# --- the plan ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What `decompose` does with one layer a user would expect it to convert.
+
+    name: qualified name (as in `model.named_modules()`; "" for the model itself).
+    kind: the module's class name (e.g. "Linear", "Conv1D", "MultiheadAttention").
+    target: the SVD layer it becomes (e.g. "SVDLinear", "SVDConv2d/channel"), or None
+        when it is left as it is.
+    reason: why it is left as it is; for a converted layer, what to know about it
+        (read through .weight by its parent, hooks dropped), else "".
+    skipped: True when the `skip` argument left it.
+    """
+
+    name: str
+    kind: str
+    target: str | None
+    reason: str = ""
+    skipped: bool = False
+
+
+@dataclass
+class DecomposeReport:
+    """Every layer `decompose` converts or leaves, with the reason (`svdkern.plan` returns it).
+
+    `converted` and `left` split `layers`; `notes` are the converted layers that carry a
+    remark; `str(report)` is a table. The warning `decompose` emits carries the same
+    report as its `.report` attribute.
+    """
+
+    decomposition: str
+    mha: str
+    layers: list[LayerPlan]
+    # Per distinct module to convert: (name, module, [(parent or None, attribute)], target,
+    # why its weight is read by its parent or None).
+    _todo: list = field(default_factory=list, repr=False, compare=False)
+    _lazy: list = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def converted(self) -> list[LayerPlan]:
+        return [p for p in self.layers if p.target is not None]
+
+    @property
+    def left(self) -> list[LayerPlan]:
+        return [p for p in self.layers if p.target is None]
+
+    @property
+    def notes(self) -> list[LayerPlan]:
+        return [p for p in self.layers if p.target is not None and p.reason]
+
+    def __str__(self) -> str:
+        head = (
+            f"decompose plan (decomposition={self.decomposition!r}, mha={self.mha!r}): "
+            f"{len(self.converted)} converted, {len(self.left)} left"
+        )
+        rows = [
+            (p.name or "(model)", p.kind, p.target or "left as it is", p.reason or "-")
+            for p in self.layers
+        ]
+        if not rows:
+            return head
+        table = format_table(("layer", "kind", "becomes", "reason / note"), rows)
+        return "\n".join([head, *(line.rstrip() for line in table.splitlines())])
+
+
+class DecomposeWarning(UserWarning):
+    """The one summary warning of a `decompose` call; `.report` is its `DecomposeReport`."""
+
+    def __init__(self, message: str, report: DecomposeReport | None = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+def _glob(entry: str) -> bool:
+    return any(c in entry for c in "*?[")
+
+
+def _skip_entries(model: nn.Module, skip: Skip) -> list[SkipEntry]:
+    """`skip` as a list of entries; unknown plain names raise."""
     if skip is None:
-        return lambda name, module: False
-    if callable(skip):
-        return skip
-    names = {skip} if isinstance(skip, str) else set(skip)
+        return []
+    if isinstance(skip, (str, type)) or (callable(skip) and not isinstance(skip, Iterable)):
+        entries = [skip]
+    else:
+        entries = list(skip)
+    for entry in entries:
+        if not isinstance(entry, (str, type)) and not callable(entry):
+            raise TypeError(
+                "skip entries must be qualified names, globs ('*.attn.*'), module types "
+                f"(nn.Conv1d) or predicates (name, module) -> bool; got {entry!r}"
+            )
+    names = {e for e in entries if isinstance(e, str) and not _glob(e)}
     known = {name for name, _ in model.named_modules(remove_duplicate=False)}
     unknown = sorted(names - known)
     if unknown:
         raise ValueError(
             f"skip names modules that are not in the model: {unknown}; use qualified names "
-            "as in model.named_modules(), e.g. 'layer1.0.conv1'"
+            "as in model.named_modules(), e.g. 'layer1.0.conv1', or globs such as '*.fc'"
         )
-
-    def under(name: str, module: nn.Module) -> bool:
-        parts = name.split(".")
-        return any(".".join(parts[:i]) in names for i in range(1, len(parts) + 1))
-
-    return under
+    return entries
 
 
-def _to_svd(name: str, module: nn.Module, decomposition: str) -> nn.Module | None:
-    """The SVD replacement of `module`, or None to leave it as it is."""
-    if type(module) is nn.Linear:
-        return SVDLinear.from_dense(module)
-    if type(module) is nn.Conv2d:
-        if module.groups != 1 or module.padding_mode != "zeros":
-            warnings.warn(
-                f"decompose: leaving {name!r} dense (groups={module.groups}, "
-                f"padding_mode={module.padding_mode!r}); SVDConv2d needs groups=1 and "
-                "padding_mode='zeros'",
-                UserWarning,
-                stacklevel=3,
-            )
-            return None
-        return SVDConv2d.from_dense(module, decomposition=decomposition)
+def _skip_match(entries: list[SkipEntry], name: str, module: nn.Module) -> str | None:
+    """The first entry that skips `module` (named `name`), described; None if none does."""
+    for entry in entries:
+        if isinstance(entry, str):
+            hit = fnmatch.fnmatchcase(name, entry) if _glob(entry) else name == entry
+            if hit:
+                return repr(entry)
+        elif isinstance(entry, type):
+            if isinstance(module, entry):
+                return entry.__name__
+        elif entry(name, module):
+            return getattr(entry, "__name__", "predicate")
     return None
 
 
-def decompose(model: nn.Module, decomposition: str = "channel", skip: Skip = None) -> nn.Module:
-    """Replace every nn.Linear and nn.Conv2d of `model` by its exact SVD layer, in place.
+def _is_candidate(module: nn.Module) -> bool:
+    """A layer a user would expect `decompose` to convert (or to say why not)."""
+    return isinstance(
+        module, (nn.Linear, nn.modules.conv._ConvNd, nn.MultiheadAttention)
+    ) or is_conv1d_like(module)
+
+
+def _uninitialized_lazy(module: nn.Module) -> bool:
+    lazy = isinstance(module, torch.nn.modules.lazy.LazyModuleMixin)
+    return lazy and module.has_uninitialized_params()
+
+
+def _target(module: nn.Module, decomposition: str, mha: str) -> tuple[str | None, str]:
+    """(SVD layer `module` becomes, "") or (None, why it is left as it is)."""
+    kind = type(module).__name__
+    if _uninitialized_lazy(module):
+        return None, (
+            "Lazy module with uninitialized parameters: run one forward pass first "
+            "(model(example)) so that its shape is known"
+        )
+    norm_hooks = [
+        type(h).__name__
+        for h in module._forward_pre_hooks.values()
+        if type(h).__name__ in ("WeightNorm", "SpectralNorm")
+    ]
+    if norm_hooks:
+        return None, (
+            f"{norm_hooks[0]} recomputes its weight before each forward; remove it "
+            "(torch.nn.utils.remove_weight_norm / remove_spectral_norm) to decompose"
+        )
+    if torch.nn.utils.parametrize.is_parametrized(module):
+        return None, (
+            "parametrized (torch.nn.utils.parametrize); remove the parametrization "
+            "(parametrize.remove_parametrizations(module, 'weight')) to decompose"
+        )
+    if type(module) is nn.Linear:
+        return "SVDLinear", ""
+    if is_conv1d_like(module):
+        return "SVDLinear", ""
+    if type(module) in (nn.Conv1d, nn.Conv2d):
+        if module.groups != 1 or module.padding_mode != "zeros":
+            return None, (
+                f"groups={module.groups}, padding_mode={module.padding_mode!r}: the SVD "
+                "convolutions need groups=1 and padding_mode='zeros'"
+            )
+        if type(module) is nn.Conv2d:
+            return f"SVDConv2d/{decomposition}", ""
+        return "SVDConv1d", ""
+    if type(module) is nn.MultiheadAttention:
+        if mha == "skip":
+            return None, "mha='skip'"
+        if mha == "fused" and not module._qkv_same_embed_dim:
+            return None, (
+                f"mha='fused' needs kdim == vdim == embed_dim (got kdim={module.kdim}, "
+                f"vdim={module.vdim}, embed_dim={module.embed_dim}); use mha='split'"
+            )
+        return f"SVDMultiheadAttention/{mha}", ""
+    if isinstance(module, nn.MultiheadAttention):
+        return None, f"{kind} is a subclass of nn.MultiheadAttention (its forward may differ)"
+    if isinstance(module, nn.Linear):
+        return None, f"{kind} is a subclass of nn.Linear (its forward may differ from F.linear)"
+    for base in (nn.Conv1d, nn.Conv2d):
+        if isinstance(module, base):
+            return None, f"{kind} is a subclass of nn.{base.__name__} (its forward may differ)"
+    return None, f"no SVD layer for {kind}"
+
+
+def _tie(module: nn.Module, owners: dict[int, list[tuple[str, nn.Module, str]]]) -> str:
+    """ "" or why `module` must stay dense: one of its parameters is the same Parameter
+    object as a parameter of a module outside it."""
+    inside = {id(m) for m in module.modules()}
+    for pname, p in module.named_parameters(remove_duplicate=False):
+        for oname, owner, opname in owners.get(id(p), ()):
+            if id(owner) not in inside:
+                where = f"{oname}.{opname}" if oname else opname
+                return (
+                    f"its {pname} is tied to {where!r} ({type(owner).__name__}): left dense "
+                    "so the tie holds"
+                )
+    return ""
+
+
+def _caller(depth: int) -> str:
+    frame = sys._getframe(depth)
+    code = frame.f_code
+    owner = frame.f_locals.get("self")
+    where = f"{type(owner).__name__}.{code.co_name}" if owner is not None else code.co_name
+    return f"{where} ({code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno})"
+
+
+_MHA_WEIGHTS = ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def _spy_class(cls: type, names: tuple[str, ...], reads: dict, active: dict, guards: dict) -> type:
+    """A subclass of `cls` that records reads of the attributes `names` (e.g. weight and
+    bias) made while neither the instance's own forward nor its guard's (the attention
+    module holding it) is running. It registers no hooks: some parents take another path
+    when a child has hooks (nn.TransformerEncoderLayer's fast path reads its children's
+    weights only when no module has a hook)."""
+
+    def note(module: nn.Module) -> None:
+        key = id(module)
+        if active.get(key) or active.get(guards.get(key)) or key in reads:
+            return
+        reads[key] = _caller(3)
+
+    def __getattr__(self, name):
+        if name in names:
+            note(self)
+        return cls.__getattr__(self, name)
+
+    def forward(self, *args, **kwargs):
+        active[id(self)] = active.get(id(self), 0) + 1
+        try:
+            return cls.forward(self, *args, **kwargs)
+        finally:
+            active[id(self)] -= 1
+
+    namespace = {"__getattr__": __getattr__, "forward": forward, "__module__": cls.__module__}
+    for name in names:
+        prop = getattr(cls, name, None)
+        if isinstance(prop, property):
+
+            def read(self, prop=prop):
+                note(self)
+                return prop.fget(self)
+
+            namespace[name] = property(read)
+    return type(cls.__name__, (cls,), namespace)
+
+
+def _weight_reads(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, str]:
+    """{qualified name: reason} of the layers (dense candidates, SVD layers) whose weight
+    or bias is read during one eval, no-grad forward while their own forward is not
+    running (the pattern `F.linear(x, self.qkv.weight, self.qkv.bias)`, or a cast to
+    `self.fc.weight.dtype`): such a layer must keep a `.weight`. For an
+    nn.MultiheadAttention its in_proj_weight / q_proj_weight / ... count, and reads of
+    an attention module's projections by that module itself do not. Every attribute read
+    counts, not only the matmuls whose MACs `svdkern.layers.weight_reads` attributes: a
+    read of `.weight.dtype` breaks a compressed pair just the same."""
+    attention = (nn.MultiheadAttention, SVDMultiheadAttention)
+    layers: list[tuple[str, nn.Module, tuple[str, ...]]] = []
+    guards: dict[int, int] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            layers.append((name, m, _MHA_WEIGHTS))
+        elif isinstance(m, SVDMultiheadAttention):
+            layers.append((name, m, ()))
+        elif isinstance(m, SVDLayer) or _is_candidate(m):
+            layers.append((name, m, ("weight", "bias")))
+        if isinstance(m, attention):
+            guards.update({id(child): id(m) for child in m.children()})
+    reads: dict[int, str] = {}
+    active: dict[int, int] = {}
+    classes: dict[type, type] = {}
+    originals = [(m, type(m)) for _, m, _ in layers]
+    flags = {m: m.training for m in model.modules()}
+    try:
+        for _, m, names in layers:
+            cls = type(m)
+            if cls not in classes:
+                classes[cls] = _spy_class(cls, names, reads, active, guards)
+            m.__class__ = classes[cls]
+        model.eval()
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for m, cls in originals:
+            m.__class__ = cls
+        for m, flag in flags.items():
+            m.training = flag
+    return {
+        name: f"its weight is read by {reads[id(m)]} outside its own forward"
+        for name, m, _ in layers
+        if id(m) in reads
+    }
+
+
+def plan(
+    model: nn.Module,
+    decomposition: str = "channel",
+    skip: Skip = None,
+    *,
+    example_inputs=None,
+    example_kwargs: Mapping | None = None,
+    mha: str = "split",
+) -> DecomposeReport:
+    """What `decompose` with the same arguments would do, without changing the model.
+
+    Lists every layer a user would expect converted (nn.Linear and its subclasses, every
+    convolution, transformers' Conv1D, nn.MultiheadAttention), each with its SVD target or
+    the reason it is left as it is; see `decompose` for the rules.
+
+    Returns:
+        a `DecomposeReport`; `print(report)` shows the table.
+
+    Example::
+
+        report = svdkern.plan(model, skip=["*.lm_head"], example_inputs=(ids,))
+        [(p.name, p.reason) for p in report.left]
+    """
+    if decomposition not in DECOMPOSITIONS:
+        raise ValueError(f"decomposition must be one of {DECOMPOSITIONS}, got {decomposition!r}")
+    if mha not in MHA_OPTIONS:
+        raise ValueError(f"mha must be one of {MHA_OPTIONS}, got {mha!r}")
+    entries = _skip_entries(model, skip)
+    owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    for mname, module in model.named_modules():
+        for pname, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((mname, module, pname))
+
+    # Every place each candidate occurs: (parent or None, attribute, qualified name, skip).
+    places: dict[int, list[tuple[nn.Module | None, str, str, str | None]]] = {}
+    found: dict[int, nn.Module] = {}
+
+    def walk(parent: nn.Module | None, attr: str, name: str, module: nn.Module, by) -> None:
+        by = by or _skip_match(entries, name, module)
+        if isinstance(module, SVDLayer):
+            return
+        if _is_candidate(module):
+            found.setdefault(id(module), module)
+            places.setdefault(id(module), []).append((parent, attr, name, by))
+            return
+        for child_name, child in module._modules.items():
+            if child is not None:
+                child_full = f"{name}.{child_name}" if name else child_name
+                walk(module, child_name, child_full, child, by)
+
+    walk(None, "", "", model, None)
+
+    reads = {}
+    lazy = any(
+        _uninitialized_lazy(m) for key, m in found.items() if all(w[3] is None for w in places[key])
+    )
+    # With uninitialized Lazy modules decompose raises; the example forward would
+    # initialize them behind the user's back, so it is not run.
+    if not lazy and (example_inputs is not None or example_kwargs is not None):
+        args, kwargs = example_call(model, None, example_inputs, example_kwargs)
+        reads = _weight_reads(model, args, kwargs)
+
+    report = DecomposeReport(decomposition, mha, [])
+    for key, module in found.items():
+        where = places[key]
+        name = where[0][2]
+        kind = type(module).__name__
+        by = next((w for w in where if w[3] is not None), None)
+        if by is not None:
+            under = "" if by[2] == name else f" (shared with {by[2]!r})"
+            reason = f"skipped by skip entry {by[3]}{under}"
+            report.layers.append(LayerPlan(name, kind, None, reason, skipped=True))
+            continue
+        target, reason = _target(module, decomposition, mha)
+        if target is None:
+            if _uninitialized_lazy(module):
+                report._lazy.append((name, kind))
+            report.layers.append(LayerPlan(name, kind, None, reason))
+            continue
+        tie = _tie(module, owners)
+        if tie:
+            report.layers.append(LayerPlan(name, kind, None, tie))
+            continue
+        notes = []
+        read = reads.get(name) or (
+            reads.get(f"{name}.out_proj") if isinstance(module, nn.MultiheadAttention) else None
+        )
+        if read:
+            notes.append(
+                f"{read}: the SVD layer serves the composed weight (no low-rank "
+                "saving there); compress keeps it dense"
+            )
+        state_hooks = [h for a in _STATE_HOOKS for h in getattr(module, a, {}).values()]
+        if state_hooks:
+            names = [getattr(h, "__name__", type(h).__name__) for h in state_hooks]
+            notes.append(f"state-dict hooks {names} are dropped (they refer to weight/bias)")
+        report.layers.append(LayerPlan(name, kind, target, "; ".join(notes)))
+        report._todo.append((name, module, [(w[0], w[1]) for w in where], target, read))
+    return report
+
+
+# --- decompose ---------------------------------------------------------------------------
+
+
+def _build(module: nn.Module, target: str, decomposition: str, mha: str) -> nn.Module:
+    if target == "SVDLinear":
+        return SVDLinear.from_dense(module)
+    if target.startswith("SVDConv2d"):
+        return SVDConv2d.from_dense(module, decomposition=decomposition)
+    if target == "SVDConv1d":
+        return SVDConv1d.from_dense(module)
+    return SVDMultiheadAttention.from_dense(module, in_proj=mha)
+
+
+def _freeze_like(layer: SVDLayer, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
+    if weight is not None:
+        for p in (layer.U, layer.s, layer.V):
+            p.requires_grad_(weight.requires_grad)
+    if bias is not None and layer.bias is not None:
+        layer.bias.requires_grad_(bias.requires_grad)
+
+
+def _carry_requires_grad(dense: nn.Module, new: nn.Module) -> None:
+    """A frozen dense parameter freezes the SVD parameters made from it (U, s, V, bias)."""
+    if isinstance(new, SVDLayer):
+        _freeze_like(new, dense.weight, getattr(dense, "bias", None))
+        return
+    same = getattr(dense, "_qkv_same_embed_dim", True)
+    for child_name, child in new.named_children():
+        if not isinstance(child, SVDLayer):
+            continue
+        if child_name == "out_proj":
+            _freeze_like(child, dense.out_proj.weight, dense.out_proj.bias)
+        elif child_name == "in_proj" or same:
+            _freeze_like(child, dense.in_proj_weight, dense.in_proj_bias)
+        else:
+            _freeze_like(child, getattr(dense, f"{child_name[0]}_proj_weight"), dense.in_proj_bias)
+    for pname, p in new.named_parameters(recurse=False):
+        source = getattr(dense, pname, None)
+        if isinstance(source, torch.Tensor):
+            p.requires_grad_(source.requires_grad)
+
+
+def _move_hooks(dense: nn.Module, new: nn.Module) -> None:
+    for attr in _CALL_HOOKS:
+        table = getattr(dense, attr, None)
+        if table is not None:
+            setattr(new, attr, table)
+            setattr(dense, attr, type(table)())
+    new._is_full_backward_hook = dense._is_full_backward_hook
+
+
+def _listed(plans: list[LayerPlan]) -> str:
+    text = "; ".join(f"{p.name or '(model)'} ({p.kind}): {p.reason}" for p in plans[:_MAX_LISTED])
+    extra = len(plans) - _MAX_LISTED
+    return text + (f"; and {extra} more" if extra > 0 else "")
+
+
+def _summary(report: DecomposeReport) -> str | None:
+    """The text of the one warning of a decompose call; None when there is nothing to say
+    (everything converted, or left by the user's own skip)."""
+    surprising = [p for p in report.left if not p.skipped]
+    notes = report.notes
+    if not surprising and not notes:
+        return None
+    parts = []
+    if surprising:
+        parts.append(f"{len(surprising)} layer(s) left as they are: {_listed(surprising)}")
+    if notes:
+        parts.append(f"{len(notes)} converted layer(s) to know about: {_listed(notes)}")
+    skipped = sum(p.skipped for p in report.left)
+    tail = f" ({skipped} more left by skip.)" if skipped else ""
+    return (
+        f"decompose converted {len(report.converted)} layer(s); "
+        + ". ".join(parts)
+        + f".{tail} The full list: svdkern.plan(model, ...) or this warning's .report."
+    )
+
+
+def decompose(
+    model: nn.Module,
+    decomposition: str = "channel",
+    skip: Skip = None,
+    *,
+    example_inputs=None,
+    example_kwargs: Mapping | None = None,
+    mha: str = "split",
+) -> nn.Module:
+    """Replace every dense layer of `model` by its exact SVD layer, in place.
 
     Each weight is factorized at full rank by a float64 SVD (cast back to the weight's
-    dtype), so the model computes the same function. Only exact nn.Linear / nn.Conv2d
-    are replaced (subclasses, e.g. the out_proj of nn.MultiheadAttention, are left
-    alone); grouped convs and padding modes other than "zeros" stay dense with a warning.
+    dtype), so the model computes the same function. Converted:
+
+        nn.Linear                        → SVDLinear
+        transformers' Conv1D (x·W + b)   → SVDLinear (W of shape (in, out) transposed)
+        nn.Conv2d                        → SVDConv2d (`decomposition`)
+        nn.Conv1d                        → SVDConv1d (channel decomposition)
+        nn.MultiheadAttention            → SVDMultiheadAttention (`mha`)
+
+    Every other layer a user might expect converted is left as it is with a reason:
+    skipped by `skip`; subclasses of these classes (their forward may differ); grouped
+    convolutions or padding modes other than "zeros"; ConvTranspose / Conv3d; weight-norm,
+    spectral-norm or parametrized layers; layers tied to another module (below). One
+    `DecomposeWarning` per call lists them (layers left by `skip` are only counted) and
+    carries the `DecomposeReport` as `.report`; `svdkern.plan(...)` returns the same
+    report without changing the model.
+
+    Tied parameters (one Parameter object in two modules: two Linears sharing a weight,
+    an LM head whose weight is the input embedding's): every module holding it is left
+    dense, so the tie holds exactly and transformers' `tie_weights()` (which does
+    `output_embeddings.weight = input_embeddings.weight`) keeps working. Decomposing
+    once and sharing U, s, V cannot express a tie to a non-matrix module (an embedding's
+    rows are read by index, not through U·diag(s)·Vᵀ), and a shared factorization would
+    come apart at the first rank cut (`prune_` and `load_state_dict` give each layer new
+    factors). A module object used at several places (the same nn.Linear twice) is
+    converted once and stays shared.
+
+    Frozen parameters stay frozen: U, s, V take the weight's requires_grad, the bias its
+    own. Forward hooks, forward pre-hooks and backward hooks move to the SVD layer
+    (handles the user holds still remove them); state-dict hooks are dropped and named.
+    Lazy modules with uninitialized parameters raise a ValueError (run one forward first).
+
+    With `example_inputs`, one eval forward finds the layers whose weight their parent
+    reads directly (`F.linear(x, self.qkv.weight, self.qkv.bias)`): they are converted
+    (an SVD layer exposes `.weight`, the composed U·diag(s)·Vᵀ) and listed, and
+    `compress` keeps them dense.
 
     Args:
         model: the model; modified in place.
-        decomposition: "channel" or "spatial", for the convolutions (DESIGN.md §4).
-        skip: qualified module names as in `model.named_modules()` (a name also skips
-            everything under it), or a predicate `(name, module) -> bool`.
+        decomposition: "channel" or "spatial", for the 2-D convolutions (DESIGN.md §4).
+        skip: one entry or a list mixing qualified names as in `model.named_modules()`
+            (unknown names raise), globs matched with fnmatch on qualified names
+            ("*.attn.*", "lm_head"), module types (nn.Conv2d), and predicates
+            `(name, module) -> bool`. A skipped module also skips everything under it.
+        example_inputs: a tensor or a tuple of the model's positional arguments (any
+            dtype, e.g. Long token ids), for the weight-read check.
+        example_kwargs: keyword arguments of that forward.
+        mha: how nn.MultiheadAttention is converted: "split" (q, k, v projections as three
+            SVDLinear), "fused" (one SVDLinear for the packed in_proj; needs kdim == vdim ==
+            embed_dim) or "skip" (left dense).
     Returns:
-        `model` (or the new SVD layer when `model` itself is an nn.Linear / nn.Conv2d).
+        `model` (or the new SVD layer when `model` itself is a converted layer).
+    Raises:
+        ValueError for an unknown `decomposition`, `mha` or skip name, or a Lazy module
+        that has not run a forward yet.
 
     Example::
 
         model = svdkern.decompose(resnet, "channel", skip=["fc"])
+        gpt = svdkern.decompose(gpt, skip=["*.attn.*", nn.Conv1d], example_inputs=(ids,))
     """
-    if decomposition not in DECOMPOSITIONS:
-        raise ValueError(f"decomposition must be one of {DECOMPOSITIONS}, got {decomposition!r}")
-    skipped = _skip_predicate(model, skip)
-    if not skipped("", model):
-        root = _to_svd("", model, decomposition)
-        if root is not None:
-            return root
-    done: dict[int, nn.Module | None] = {}
-    for parent_name, parent in list(model.named_modules()):
-        for child_name, child in list(parent._modules.items()):
-            name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if child is None or skipped(name, child):
-                continue
-            if id(child) not in done:
-                done[id(child)] = _to_svd(name, child, decomposition)
-            if done[id(child)] is not None:
-                setattr(parent, child_name, done[id(child)])
-    return model
+    report = plan(
+        model,
+        decomposition,
+        skip,
+        example_inputs=example_inputs,
+        example_kwargs=example_kwargs,
+        mha=mha,
+    )
+    if report._lazy:
+        listed = ", ".join(f"{name or '(model)'} ({kind})" for name, kind in report._lazy)
+        raise ValueError(
+            f"decompose: {listed} has uninitialized parameters; run one forward pass "
+            "(model(example_input)) before decompose so that their shapes are known, or "
+            "skip them"
+        )
+    root = model
+    failed: dict[str, str] = {}
+    for name, dense, where, target, read in report._todo:
+        try:
+            new = _build(dense, target, decomposition, mha)
+        except (TypeError, ValueError) as err:
+            failed[name] = str(err)
+            continue
+        _carry_requires_grad(dense, new)
+        _move_hooks(dense, new)
+        if read:
+            for layer in new.modules():
+                if isinstance(layer, SVDLayer):
+                    layer.__dict__[_READ_MARK] = read
+        for parent, attr in where:
+            if parent is None:
+                root = new
+            else:
+                setattr(parent, attr, new)
+    report._todo.clear()  # the report outlives the call: hold no dense modules
+    if failed:
+        report.layers = [
+            LayerPlan(p.name, p.kind, None, failed[p.name]) if p.name in failed else p
+            for p in report.layers
+        ]
+    message = _summary(report)
+    if message is not None:
+        warnings.warn(DecomposeWarning(message, report), stacklevel=2)
+    return root
 
 
 def _shapes(input_shape) -> list[tuple[int, ...]]:
@@ -120,37 +684,78 @@ def _shapes(input_shape) -> list[tuple[int, ...]]:
     )
 
 
-def _latency_forms(model: nn.Module, input_shape) -> dict[str, bool]:
+def _latency_forms(
+    model: nn.Module, input_shape, example_inputs, example_kwargs
+) -> dict[str, bool]:
     """{layer name: deploy the low-rank pair?} from measured forward times (tune_forms with
-    training=False) at every given input shape: the pair only where it is faster at all."""
+    training=False) at every given input shape, or at `example_inputs`: the pair only where
+    it is faster at all."""
     from svdkern.tune import tune_forms
 
-    if input_shape is None:
+    if input_shape is None and example_inputs is None:
         raise ValueError(
             "policy='latency' needs input_shape (one shape or a list, e.g. [(1, 3, 32, 32), "
-            "(256, 3, 32, 32)]): forms are timed at the inputs the model will see"
+            "(256, 3, 32, 32)]) or example_inputs: forms are timed at the inputs the model "
+            "will see"
         )
-    first = next(iter(model.parameters()), None)
-    factory = {"device": first.device, "dtype": first.dtype} if first is not None else {}
+    if example_inputs is not None:
+        if input_shape is not None:
+            raise ValueError("pass input_shape or example_inputs, not both")
+        extra = {}
+        if example_kwargs:
+            if "example_kwargs" not in inspect.signature(tune_forms).parameters:
+                raise ValueError(
+                    "policy='latency' times the model on positional example_inputs only; "
+                    "example_kwargs are not supported with it"
+                )
+            extra["example_kwargs"] = example_kwargs
+        examples = [(example_inputs, extra)]
+    else:
+        first = next(iter(model.parameters()), None)
+        factory = {"device": first.device, "dtype": first.dtype} if first is not None else {}
+        examples = [(torch.randn(shape, **factory), {}) for shape in _shapes(input_shape)]
     lowrank: dict[str, bool] = {}
-    for shape in _shapes(input_shape):
-        report = tune_forms(model, torch.randn(shape, **factory), training=False)
+    for example, extra in examples:
+        report = tune_forms(model, example, training=False, **extra)
         for lay in report.layers:
             lowrank[lay.name] = lowrank.get(lay.name, True) and lay.form == "lowrank"
     return lowrank
+
+
+def _plain_like(twin: nn.Module, plain: nn.Module) -> nn.Module:
+    """`plain` with `twin`'s hooks and, for an SVD layer, its frozen flags: a frozen U
+    freezes every weight of the plain form, a frozen bias its bias."""
+    _move_hooks(twin, plain)
+    if isinstance(twin, SVDLayer):
+        for pname, p in plain.named_parameters():
+            source = twin.bias if pname.endswith("bias") else twin.U
+            p.requires_grad_(source.requires_grad)
+    return plain
 
 
 def compress(
     model: nn.Module,
     policy: str = "flops",
     input_shape: Sequence[int] | Sequence[Sequence[int]] | None = None,
+    *,
+    example_inputs=None,
+    example_kwargs: Mapping | None = None,
 ) -> nn.Module:
     """A new model (deep copy) in which every SVD layer is a plain torch module.
 
-    Each SVDLinear becomes nn.Sequential(Linear(in, r, bias=False), Linear(r, out)) and each
-    SVDConv2d the pair of nn.Conv2d of its chain (s folded into the first factor), or a single
-    dense nn.Linear / nn.Conv2d. The result needs no svdkern import to run and works with
-    torch.jit.script / trace and torch.export.
+    Each SVDLinear becomes nn.Sequential(Linear(in, r, bias=False), Linear(r, out)), each
+    SVDConv2d / SVDConv1d the pair of convolutions of its chain (s folded into the first
+    factor), or a single dense nn.Linear / nn.Conv2d / nn.Conv1d. An SVDMultiheadAttention
+    whose projections all go dense becomes an nn.MultiheadAttention again; otherwise it
+    stays, holding plain projections. Without SVDMultiheadAttention the result needs no
+    svdkern import to run and works with torch.jit.script / trace and torch.export. Hooks
+    of an SVD layer move to its plain form, and a frozen layer's plain form is frozen.
+
+    A layer whose weight its parent reads directly (`F.linear(x, self.qkv.weight, ...)`)
+    becomes one dense layer under every policy, so that `.weight` still exists (a pair
+    would make the parent fail, and composing the weight saves nothing). Such reads are
+    found by one eval forward of the example (input_shape or example_inputs), or were found
+    by `decompose` given example inputs.
 
     Args:
         model: a model with SVD layers (left unchanged).
@@ -160,10 +765,14 @@ def compress(
             layers never called stay dense), "lowrank" (always the pair) or "dense"
             (always one dense layer).
         input_shape: input shape for the MAC comparison of policy "flops" (see
-            `svdkern.flops`); without it, the comparison is per output element (exact
-            for Linear and channel convs; spatial convs assume W_in = stride·W_out).
-            Policy "latency" needs it and also takes a list of shapes (e.g. batch 1 and
-            batch 256) to be fast at all of them.
+            `svdkern.flops`; a zero float input of the model's dtype); without it, the
+            comparison is per output element (exact for Linear and channel convs;
+            spatial convs assume W_in = stride·W_out). Policy "latency" needs it (or
+            example_inputs) and also takes a list of shapes (e.g. batch 1 and batch 256)
+            to be fast at all of them.
+        example_inputs: instead of input_shape, a tensor or a tuple of the model's
+            positional arguments (any dtype, e.g. Long token ids).
+        example_kwargs: keyword arguments of that forward.
     Returns:
         the new model; outputs equal the SVD model's up to float rounding.
 
@@ -172,23 +781,55 @@ def compress(
         deployable = svdkern.compress(model, input_shape=(1, 3, 32, 32))
         torch.jit.script(deployable)
         fast = svdkern.compress(model, "latency", [(1, 3, 32, 32), (256, 3, 32, 32)])
+        lm = svdkern.compress(gpt, example_inputs=(ids,), example_kwargs={"use_cache": False})
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    has_example = not (input_shape is None and example_inputs is None and example_kwargs is None)
+    reads: dict[str, str] = {}
+    if has_example:
+        first = input_shape
+        if policy == "latency" and input_shape is not None:
+            first = _shapes(input_shape)[0]
+        args, kwargs = example_call(model, first, example_inputs, example_kwargs)
+        reads = _weight_reads(model, args, kwargs)
     shapes = (
-        layer_inputs(model, input_shape) if policy == "flops" and input_shape is not None else {}
+        layer_inputs(
+            model, input_shape, example_inputs=example_inputs, example_kwargs=example_kwargs
+        )
+        if policy == "flops" and has_example
+        else {}
     )
-    measured = _latency_forms(model, input_shape) if policy == "latency" else {}
+    measured = (
+        _latency_forms(model, input_shape, example_inputs, example_kwargs)
+        if policy == "latency"
+        else {}
+    )
     new = copy.deepcopy(model)
     plain: dict[int, nn.Module] = {}
+    dense_names: set[str] = set()
     for (name, layer), (_, twin) in zip(svd_layers(model), svd_layers(new), strict=True):
-        if policy == "latency":
+        if name in reads or layer.__dict__.get(_READ_MARK):
+            lowrank = False
+        elif policy == "latency":
             lowrank = measured.get(name, False)
         elif policy == "flops":
             lowrank = lowrank_is_cheaper(layer, shapes.get(name))
         else:
             lowrank = policy == "lowrank"
-        plain[id(twin)] = twin.to_lowrank() if lowrank else twin.to_dense()
+        if not lowrank:
+            dense_names.add(name)
+        plain[id(twin)] = _plain_like(twin, twin.to_lowrank() if lowrank else twin.to_dense())
+    for name, twin in new.named_modules():
+        if not isinstance(twin, SVDMultiheadAttention):
+            continue
+        prefix = f"{name}." if name else ""
+        children = [(prefix + n, c) for n, c in twin.named_modules() if c is not twin]
+        svd = [(n, c) for n, c in children if isinstance(c, SVDLayer)]
+        if all(n in dense_names for n, _ in svd):
+            for _, child in svd:
+                plain.pop(id(child), None)
+            plain[id(twin)] = _plain_like(twin, twin.to_dense())
     if id(new) in plain:
         return plain[id(new)]
     for _, parent in list(new.named_modules()):

@@ -1,48 +1,70 @@
-"""Parameters and multiply-accumulates (MACs) of a model in dense, SVD and compressed form.
+"""Parameters and multiply-accumulates (MACs) of a model in dense, SVD and compressed form,
+and where the rest of its MACs go.
 
 Convention (the same for all three forms, and the one `svdkern.prune(target_flops=...)`
 aims at):
 
-- Only nn.Linear, nn.Conv2d and the SVD layers are counted (the layers whose matmuls
-  dominate; norms, activations and pooling are left out, as torch's FlopCounterMode
-  does). Biases add no MACs.
-- Linear: rows·in·out. Conv2d: N·H_out·W_out·kh·kw·(c_in/groups)·c_out.
+- Only the layers in `svdkern.layers.COUNTED` are counted: nn.Linear, nn.Conv1d,
+  nn.Conv2d, transformers' Conv1D, the in-projection of nn.MultiheadAttention (its
+  out_proj is an nn.Linear) and the SVD layers (the layers whose matmuls dominate and that
+  a rank cut changes). Biases add no MACs.
+- Linear, Conv1D: rows·in·out. ConvNd: N·∏out·∏k·(c_in/groups)·c_out.
+  MultiheadAttention in-projection: Σ over query, key, value of rows·d_in·embed_dim.
 - An SVD layer of rank r counts as
     dense form:       the dense layer it replaces;
     SVD form:         its low-rank chain, summed per part (Linear: rows·r·(in + out);
-                      channel conv: N·H_out·W_out·r·(c_in·kh·kw + c_out); spatial conv:
+                      channel conv: N·∏out·r·(c_in·∏k + c_out); spatial conv:
                       N·H_out·W_in·r·c_in·kh + N·H_out·W_out·r·c_out·kw);
     compressed form:  the cheaper of the two, as `svdkern.compress(policy="flops")` builds it.
   The compose path of `forward` (used in training when it is cheaper) is not counted:
   the numbers describe inference of the deployed model.
-- Counts are for the whole `input_shape`, batch included (pass batch 1 for per-sample).
+- A layer whose weight its parent reads instead of calling it (`F.linear(x,
+  self.qkv.weight)`, see `svdkern.layers.weight_reads`) costs the MACs of the ops its
+  weight flows into, measured, in all three forms: its parent multiplies by the full
+  weight whatever the rank, and `compress` keeps it dense.
+- Counts are for the whole example input, batch included (pass batch 1 for per-sample).
 - FLOPs = 2·MACs.
 
-Spatial sizes come from forward hooks during one forward of a zero input of `input_shape`
-(in eval mode, without gradients; the training flags are restored afterwards).
+With an example input (input_shape, or example_inputs and example_kwargs) the report also
+gives the model's total as torch.utils.flop_counter.FlopCounterMode counts it for that same
+forward (FLOPs / 2; run in eval mode, without gradients, SVD layers as their chains, the
+MultiheadAttention fast path off, and with `svdkern.layers.FLOP_FORMULAS` for the ops
+FlopCounterMode has no formula for: svdkern's chain and the CPU attention kernel) and
+splits it: counted layers (= `svd_macs`), of which layers read through .weight,
+attention matmuls (activation × activation: QKᵀ, AV, sdpa), and other ops (layers svdkern
+does not count, by op). Embeddings, norms, activations and pooling have no MACs in
+FlopCounterMode either.
+
+Input shapes come from forward hooks during that forward (the training flags are
+restored afterwards).
 
 Example::
 
     report = svdkern.flops(model, (1, 3, 32, 32))
-    print(report)                       # per-layer table and totals
+    print(report)                       # per-layer table, totals and the breakdown
     report.compressed_macs / report.dense_macs
+    report = svdkern.flops(lm, example_inputs=(ids,), example_kwargs={"use_cache": False})
+    report.total_macs, report.attention_macs, report.other_macs
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
 from svdkern.layers import (
+    MacTrace,
     dense_macs,
+    dense_params,
     dense_weight_shape,
     format_table,
     layer_inputs,
     layer_kind,
     lowrank_is_cheaper,
     svd_costs,
+    trace_macs,
 )
 from svdkern.nn import SVDLayer
 
@@ -51,7 +73,11 @@ __all__ = ["FlopsReport", "LayerFlops", "flops"]
 
 @dataclass
 class LayerFlops:
-    """One counted layer: dense weight shape, rank (None if dense) and its three costs."""
+    """One counted layer: dense weight shape, rank (None if dense) and its three costs.
+
+    `weight_read` is True for a layer whose weight its parent reads (its MACs are the
+    measured ones of the ops its weight flows into, the same in all three forms).
+    """
 
     name: str
     kind: str
@@ -66,13 +92,23 @@ class LayerFlops:
     svd_params: int
     compressed_params: int
     compressed_form: str
+    weight_read: bool = False
 
 
 @dataclass
 class FlopsReport:
-    """Totals over the model: params (all parameters) and MACs (counted layers only)."""
+    """Totals over the model: params (all parameters) and MACs (counted layers only), and,
+    when an example forward ran, that forward's FlopCounterMode total and its breakdown.
 
-    input_shape: tuple[int, ...]
+    total_macs: FlopCounterMode's MACs of the example forward (None without one).
+    weight_read_macs: MACs of the layers read through .weight (part of the counted MACs).
+    attention_macs: matmuls between activations (attention scores and values).
+    other_macs: {op: MACs} of ops outside the counted layers (uncounted layer types).
+    weight_reads: {layer: why} of the layers read through .weight.
+    With the example forward, total_macs = svd_macs + attention_macs + Σ other_macs.
+    """
+
+    input_shape: tuple[int, ...] | None
     dense_params: int
     svd_params: int
     compressed_params: int
@@ -80,20 +116,32 @@ class FlopsReport:
     svd_macs: int
     compressed_macs: int
     layers: list[LayerFlops] = field(default_factory=list)
+    total_macs: int | None = None
+    weight_read_macs: int = 0
+    attention_macs: int = 0
+    other_macs: dict[str, int] = field(default_factory=dict)
+    weight_reads: dict[str, str] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
         """compressed MACs / dense MACs (1.0 for a model without counted layers)."""
         return self.compressed_macs / self.dense_macs if self.dense_macs else 1.0
 
+    @property
+    def uncounted_macs(self) -> int | None:
+        """MACs of the example forward outside the counted layers (attention + other)."""
+        if self.total_macs is None:
+            return None
+        return self.attention_macs + sum(self.other_macs.values())
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "ratio": self.ratio}
+        return {**asdict(self), "ratio": self.ratio, "uncounted_macs": self.uncounted_macs}
 
     def __str__(self) -> str:
         header = ("layer", "kind", "shape", "rank", "dense MACs", "SVD MACs", "compressed")
         rows = [
             (
-                lay.name,
+                lay.name + (" (read through .weight)" if lay.weight_read else ""),
                 lay.kind,
                 "×".join(map(str, lay.shape)),
                 "-" if lay.rank is None else f"{lay.rank}/{lay.full_rank}",
@@ -125,83 +173,152 @@ class FlopsReport:
                 f"{self.compressed_params:,}",
             )
         )
-        return format_table(header, rows) + f"\ninput shape {tuple(self.input_shape)}"
+        text = format_table(header, rows)
+        if self.input_shape is not None:
+            text += f"\ninput shape {tuple(self.input_shape)}"
+        if self.total_macs is None:
+            return text + "\n(one row per Linear: no example forward, no FlopCounterMode total)"
+        total = self.total_macs
+
+        def share(v: int) -> str:
+            return f"{v / total:.1%}" if total else "-"
+
+        other = ", ".join(f"{op} {v:,}" for op, v in self.other_macs.items())
+        parts = [
+            ("counted layers (SVD layers as chains)", self.svd_macs, ""),
+            (
+                "  of which read through .weight",
+                self.weight_read_macs,
+                ", ".join(self.weight_reads),
+            ),
+            ("attention matmuls (activation × activation)", self.attention_macs, ""),
+            ("other ops (layers not counted)", sum(self.other_macs.values()), other),
+            ("total", total, ""),
+        ]
+        width = max(len(p[0]) for p in parts)
+        digits = max(len(f"{p[1]:,}") for p in parts)
+        lines = ["MACs of this forward as FlopCounterMode counts them:"]
+        for what, v, note in parts:
+            line = f"  {what.ljust(width)}  {f'{v:,}'.rjust(digits)}  {share(v).rjust(6)}"
+            lines.append(f"{line}  {note}".rstrip())
+        breakdown = "\n".join(lines)
+        return text + "\n\n" + breakdown
 
 
-def flops(model: nn.Module, input_shape: Sequence[int]) -> FlopsReport:
-    """Params and MACs of `model` as it is (SVD), as dense layers, and compressed.
+def flops(
+    model: nn.Module,
+    input_shape: Sequence[int] | None = None,
+    *,
+    example_inputs=None,
+    example_kwargs: Mapping | None = None,
+) -> FlopsReport:
+    """Params and MACs of `model` as it is (SVD), as dense layers, and compressed, and its
+    total MACs as FlopCounterMode counts them for the example forward, split by category.
 
     Args:
-        model: any module; its nn.Linear, nn.Conv2d, SVDLinear and SVDConv2d are counted.
-        input_shape: shape of the input tensor given to `model`, batch included.
+        model: any module; the layers of `svdkern.layers.COUNTED` are counted.
+        input_shape: shape of the input tensor given to `model`, batch included (a zero
+            float tensor in the model's dtype is used).
+        example_inputs: instead of input_shape, the forward's positional arguments: a
+            tensor or a tuple (any dtype, e.g. int64 token ids).
+        example_kwargs: the forward's keyword arguments (e.g. {"attention_mask": m}).
+        With none of the three, each Linear-like layer counts one row (convs raise) and no
+        forward runs.
     Returns:
         FlopsReport with totals (`dense_*`, `svd_*`, `compressed_*`), `ratio`
-        (compressed / dense MACs) and `layers` (a LayerFlops per counted layer).
+        (compressed / dense MACs), `layers` (a LayerFlops per counted layer) and the
+        forward's `total_macs`, `weight_read_macs`, `attention_macs`, `other_macs`.
         See the module docstring for the counting convention.
+    Raises:
+        ValueError naming input_shape or example_inputs when the forward fails on them.
 
     Example::
 
         report = svdkern.flops(model, (1, 3, 32, 32))
         print(report.dense_macs, report.compressed_macs, report.ratio)
+        report = svdkern.flops(gpt, example_inputs=(ids,))
+        print(report)            # ... and the FlopCounterMode total, attention, other
     """
-    shapes = layer_inputs(model, input_shape)
+    trace: MacTrace | None = None
+    if input_shape is None and example_inputs is None and example_kwargs is None:
+        shapes = layer_inputs(model)
+    else:
+        trace = trace_macs(
+            model, input_shape, example_inputs=example_inputs, example_kwargs=example_kwargs
+        )
+        shapes = trace.shapes
+    # Layers read through .weight or .bias: dense in every form (MACs measured; 0 for a
+    # read of an attribute such as .weight.dtype that no op follows).
+    reads = {} if trace is None else {n: trace.weight_reads.get(n, 0) for n in trace.reasons}
     modules = dict(model.named_modules())
     params = sum(p.numel() for p in model.parameters())
-    report = FlopsReport(tuple(input_shape), params, params, params, 0, 0, 0)
+    shape = None if input_shape is None else tuple(input_shape)
+    report = FlopsReport(shape, params, params, params, 0, 0, 0)
     for name, calls in shapes.items():
-        module = modules[name]
-        if isinstance(module, SVDLayer):
-            dense, chain = svd_costs(module, calls)
-            lowrank = lowrank_is_cheaper(module, calls)
-            factor_params = module.rank * (module._m + module._n)
-            dense_params = module._m * module._n
-            svd_params = factor_params + module.rank
-            compressed = (
-                (chain, factor_params, "lowrank")
-                if lowrank
-                else (
-                    dense,
-                    dense_params,
-                    "dense",
-                )
-            )
-            layer = LayerFlops(
-                name,
-                layer_kind(module),
-                dense_weight_shape(module),
-                module.rank,
-                module.full_rank,
-                len(calls),
-                dense,
-                chain,
-                compressed[0],
-                dense_params,
-                svd_params,
-                compressed[1],
-                compressed[2],
-            )
-            report.dense_params += dense_params - svd_params
-            report.compressed_params += compressed[1] - svd_params
-        else:
-            dense = sum(dense_macs(module, shape) for shape in calls)
-            n_weight = module.weight.numel()
-            layer = LayerFlops(
-                name,
-                layer_kind(module),
-                dense_weight_shape(module),
-                None,
-                None,
-                len(calls),
-                dense,
-                dense,
-                dense,
-                n_weight,
-                n_weight,
-                n_weight,
-                "dense",
-            )
+        layer = _layer_flops(name, modules[name], calls, reads.get(name))
+        report.dense_params += layer.dense_params - layer.svd_params
+        report.compressed_params += layer.compressed_params - layer.svd_params
         report.dense_macs += layer.dense_macs
         report.svd_macs += layer.svd_macs
         report.compressed_macs += layer.compressed_macs
         report.layers.append(layer)
+    if trace is not None:
+        report.total_macs = trace.total
+        report.weight_read_macs = sum(reads.values())
+        report.attention_macs = trace.attention
+        report.other_macs = dict(sorted(trace.other.items(), key=lambda kv: -kv[1]))
+        report.weight_reads = dict(trace.reasons)
     return report
+
+
+def _layer_flops(
+    name: str, module: nn.Module, calls: list[tuple[int, ...]], read: int | None
+) -> LayerFlops:
+    """Costs of one counted layer; `read`: measured MACs of its weight read by its parent
+    (None if not read), dense in every form since the parent multiplies by the full W."""
+    if isinstance(module, SVDLayer):
+        dense, chain = svd_costs(module, calls)
+        lowrank = read is None and lowrank_is_cheaper(module, calls)
+        factor_params = module.rank * (module._m + module._n)
+        weight_params = module._m * module._n
+        svd_params = factor_params + module.rank
+        compressed = (
+            (chain, factor_params, "lowrank") if lowrank else (dense, weight_params, "dense")
+        )
+        if read is not None:
+            dense, chain = dense + read, chain + read
+            compressed = (dense, weight_params, "dense")
+        return LayerFlops(
+            name,
+            layer_kind(module),
+            dense_weight_shape(module),
+            module.rank,
+            module.full_rank,
+            len(calls),
+            dense,
+            chain,
+            compressed[0],
+            weight_params,
+            svd_params,
+            compressed[1],
+            compressed[2],
+            read is not None,
+        )
+    macs = sum(dense_macs(module, shape) for shape in calls) + (read or 0)
+    n_weight = dense_params(module)
+    return LayerFlops(
+        name,
+        layer_kind(module),
+        dense_weight_shape(module),
+        None,
+        None,
+        len(calls),
+        macs,
+        macs,
+        macs,
+        n_weight,
+        n_weight,
+        n_weight,
+        "dense",
+        read is not None,
+    )

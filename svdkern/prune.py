@@ -7,13 +7,16 @@ Example::
 
     report = svdkern.prune(model, energy=1e-3)
     report = svdkern.prune(model, target_flops=0.3, input_shape=(1, 3, 32, 32))
+    report = svdkern.prune(lm, target_flops=0.5, example_inputs=(ids,), min_rank=8)
+    svdkern.prune(model, ranks={"blocks.*.mlp.*": 32, "head": 16})
     print(report)
 """
 
 from __future__ import annotations
 
+import fnmatch
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -26,6 +29,7 @@ from svdkern.layers import (
     layer_inputs,
     svd_costs,
     svd_layers,
+    trace_macs,
 )
 from svdkern.nn import SVDLayer
 
@@ -39,7 +43,8 @@ class LayerPrune:
     """One SVD layer's pruning: ranks, energy kept (fraction of Σ s²) and MACs.
 
     MACs are of the layer's compressed form (cheaper of low-rank chain and dense, see
-    `svdkern.flops`); None for a conv when no input_shape was given.
+    `svdkern.flops`; dense for a layer read through .weight, whatever its rank); None for a
+    conv when no input_shape or example_inputs was given.
     """
 
     name: str
@@ -111,21 +116,33 @@ def _sorted_energy(s: torch.Tensor) -> torch.Tensor:
     return e.cumsum(0)
 
 
-def _rank_for(cum: torch.Tensor, energy: float, multiple_of: int | None, cap: int) -> int:
-    """Smallest k ≥ 1 with cum[k−1] ≥ (1 − energy)·cum[−1], rounded up to multiple_of."""
+def _rank_for(
+    cum: torch.Tensor, energy: float, multiple_of: int | None, cap: int, min_rank: int = 1
+) -> int:
+    """Smallest k ≥ 1 with cum[k−1] ≥ (1 − energy)·cum[−1], raised to min_rank and rounded
+    up to multiple_of (both capped at `cap`, the layer's rank)."""
     threshold = (1.0 - energy) * cum[-1]
     k = int(torch.searchsorted(cum, threshold, side="left")) + 1
-    k = min(max(k, 1), cum.shape[0])
+    k = min(max(k, min_rank, 1), cum.shape[0])
     if multiple_of:
         k = min(math.ceil(k / multiple_of) * multiple_of, cap)
     return k
 
 
-def _check_args(energy, target_flops, multiple_of, ranks) -> None:
+def _check_args(energy, target_flops, multiple_of, ranks, min_rank) -> None:
     if (energy is not None) + (target_flops is not None) + (ranks is not None) != 1:
         raise ValueError(
             f"pass exactly one of energy, target_flops and ranks, got energy={energy!r}, "
             f"target_flops={target_flops!r}, ranks={ranks!r}"
+        )
+    if min_rank is not None and (
+        isinstance(min_rank, bool) or not isinstance(min_rank, int) or min_rank < 1
+    ):
+        raise ValueError(f"min_rank must be a positive int or None, got {min_rank!r}")
+    if min_rank is not None and ranks is not None:
+        raise ValueError(
+            "min_rank floors the ranks energy or target_flops choose; with ranks= the ranks "
+            "are taken as given: drop min_rank or the names whose rank is below it"
         )
     if energy is not None and (
         isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 <= energy < 1
@@ -144,48 +161,88 @@ def _check_args(energy, target_flops, multiple_of, ranks) -> None:
 
 
 class _Costs:
-    """MACs of the model's counted layers as a function of the SVD layers' ranks."""
+    """MACs of the model's counted layers as a function of the SVD layers' ranks.
 
-    def __init__(self, model: nn.Module, shapes: dict[str, list[tuple[int, ...]]]) -> None:
+    `reads`: measured MACs of the layers read through .weight (see
+    `svdkern.layers.weight_reads`): their parent multiplies by the full W whatever the
+    rank, and `compress` keeps them dense, so they are a fixed cost.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        shapes: dict[str, list[tuple[int, ...]]],
+        reads: Mapping[str, int] | None = None,
+    ) -> None:
         modules = dict(model.named_modules())
+        reads = dict(reads or {})
         self.fixed = 0
         self.dense = 0
         self.svd: dict[str, tuple[int, int]] = {}
+        self.kept_dense: dict[str, int] = {}
         for name, calls in shapes.items():
             module = modules[name]
-            if isinstance(module, SVDLayer):
+            if isinstance(module, SVDLayer) and name not in reads:
                 dense, chain = svd_costs(module, calls, rank=1)
                 self.svd[name] = (dense, chain)
                 self.dense += dense
+                continue
+            if isinstance(module, SVDLayer):
+                macs = svd_costs(module, calls)[0] + reads[name]
+                self.kept_dense[name] = macs
             else:
-                macs = sum(dense_macs(module, shape) for shape in calls)
-                self.fixed += macs
-                self.dense += macs
+                macs = sum(dense_macs(module, shape) for shape in calls) + reads.get(name, 0)
+            self.fixed += macs
+            self.dense += macs
 
-    def layer(self, name: str, rank: int) -> int:
+    def layer(self, name: str, rank: int) -> int | None:
+        if name in self.kept_dense:
+            return self.kept_dense[name]
+        if name not in self.svd:
+            return None
         dense, chain_per_rank = self.svd[name]
         return min(dense, chain_per_rank * rank)
 
     def total(self, ranks: dict[str, int]) -> int:
-        return self.fixed + sum(self.layer(name, r) for name, r in ranks.items())
+        return self.fixed + sum(
+            self.layer(name, r) or 0 for name, r in ranks.items() if name in self.svd
+        )
 
 
 def _check_ranks(ranks, caps: dict[str, int]) -> dict[str, int]:
-    if not isinstance(ranks, dict):
-        raise TypeError(f"ranks must be a dict {{layer name: rank}}, got {type(ranks).__name__}")
-    unknown = sorted(set(ranks) - set(caps))
-    if unknown:
-        raise ValueError(
-            f"ranks names layers that are not SVD layers of the model: {unknown}; known: "
-            f"{sorted(caps)}"
+    """{layer: rank} for every SVD layer from {name or glob: k}: an exact name must give a
+    k in [1, rank]; a glob (fnmatch over qualified names) gives k capped at each matched
+    layer's rank; an exact name wins over globs, an earlier glob over a later one; layers
+    not matched keep their rank."""
+    if not isinstance(ranks, Mapping):
+        raise TypeError(
+            f"ranks must be a dict {{layer name or glob: rank}}, got {type(ranks).__name__}"
         )
-    for name, k in ranks.items():
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= caps[name]:
+    chosen: dict[str, int] = {}
+    for key, k in ranks.items():
+        if not isinstance(key, str):
+            raise TypeError(f"ranks keys must be layer names or globs (str), got {key!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"ranks[{key!r}] must be a positive int, got {k!r}")
+        if key in caps and k > caps[key]:
             raise ValueError(
-                f"ranks[{name!r}] must be an int in [1, {caps[name]}] (the layer's current "
+                f"ranks[{key!r}] must be an int in [1, {caps[key]}] (the layer's current "
                 f"rank), got {k!r}"
             )
-    return {name: ranks.get(name, cap) for name, cap in caps.items()}
+    unknown = [key for key in ranks if key not in caps and not fnmatch.filter(caps, key)]
+    if unknown:
+        raise ValueError(
+            f"ranks names layers that are not SVD layers of the model (no name or glob "
+            f"match): {unknown}; known: {sorted(caps)}"
+        )
+    for key, k in ranks.items():
+        if key in caps:
+            chosen[key] = k
+    for key, k in ranks.items():
+        if key not in caps:
+            for name in fnmatch.filter(caps, key):
+                chosen.setdefault(name, min(k, caps[name]))
+    return {name: chosen.get(name, cap) for name, cap in caps.items()}
 
 
 def prune(
@@ -193,8 +250,11 @@ def prune(
     energy: float | None = None,
     *,
     target_flops: float | None = None,
-    ranks: dict[str, int] | None = None,
+    ranks: Mapping[str, int] | None = None,
     input_shape: Sequence[int] | None = None,
+    example_inputs=None,
+    example_kwargs: Mapping | None = None,
+    min_rank: int | None = None,
     multiple_of: int | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     dry_run: bool = False,
@@ -204,16 +264,26 @@ def prune(
     Give exactly one of:
         energy: ε in [0, 1), the energy removed per layer (keep the smallest k with
             Σ_{i≤k} s_i² ≥ (1 − ε)·Σ s_i², s² sorted descending, k ≥ 1).
-        target_flops: fraction in (0, 1] of the dense model's MACs to keep. One global ε
-            is found by bisection: the smallest ε whose compressed model (every SVD layer
-            in the cheaper of chain and dense form, counted as `svdkern.flops` does,
-            including the layers that stay dense) costs ≤ target_flops · dense MACs.
-        ranks: {layer name: k} (names as in `model.named_modules()`): keep the k largest
-            |s| of those layers; layers not named keep their rank. Taken as given
-            (multiple_of does not apply).
+        target_flops: fraction in (0, 1] of the dense model's counted MACs to keep. One
+            global ε is found by bisection: the smallest ε whose compressed model (every
+            SVD layer in the cheaper of chain and dense form, counted as `svdkern.flops`
+            does, including the layers that stay dense and those read through .weight,
+            which cost their dense MACs at any rank) costs ≤ target_flops · dense MACs.
+        ranks: {layer name or glob: k}: keep the k largest |s| of those layers; globs
+            match qualified names (`model.named_modules()`) with fnmatch, e.g.
+            {"h.*.mlp.*": 32}; a glob's k is capped at each matched layer's rank, an exact
+            name's must be in [1, rank]; an exact name wins over globs, an earlier glob
+            over a later one; layers not matched keep their rank. Taken as given
+            (multiple_of and min_rank do not apply).
     Args:
-        input_shape: shape of one input batch; needed to count convs (for target_flops,
-            and for the MAC columns of the report). Without it Linear layers count one row.
+        input_shape: shape of one input batch (a zero float tensor is used); needed to
+            count convs (for target_flops, and for the MAC columns of the report).
+            Without it or example inputs, Linear layers count one row.
+        example_inputs: instead of input_shape, the forward's positional arguments (a
+            tensor or a tuple, any dtype, e.g. token ids); example_kwargs: its keyword
+            arguments. They also reveal the layers read through .weight.
+        min_rank: floor of every rank energy / target_flops choose (capped at the layer's
+            current rank).
         multiple_of: round every kept rank up to a multiple of this (capped at the
             layer's current rank), e.g. 8 for tensor cores, or to bound the number of
             distinct shapes torch.compile sees when ranks are cut during training.
@@ -230,32 +300,30 @@ def prune(
         before/after; `str(report)` is a table, `report.to_dict()` a dict).
         Without `optimizer` the pruned layers hold new Parameters: rebuild optimizers.
     Raises:
-        ValueError naming energy / target_flops / ranks / multiple_of when out of range, or
-        target_flops when even rank 1 everywhere cannot reach it.
+        ValueError naming energy / target_flops / ranks / min_rank / multiple_of when out
+        of range, target_flops when even rank 1 everywhere cannot reach it, and
+        input_shape / example_inputs when the example forward fails on them.
 
     Example::
 
         report = svdkern.prune(model, target_flops=0.3, input_shape=(1, 3, 32, 32))
+        svdkern.prune(lm, target_flops=0.5, example_inputs=(ids,), min_rank=8)
         svdkern.prune(model, energy=1e-4, optimizer=opt, multiple_of=4)   # mid-training
-        svdkern.prune(model, ranks={"layers.0.0.conv1": 8}, optimizer=opt)
+        svdkern.prune(model, ranks={"layers.0.0.conv1": 8, "layers.2.*": 16}, optimizer=opt)
     """
-    _check_args(energy, target_flops, multiple_of, ranks)
+    _check_args(energy, target_flops, multiple_of, ranks, min_rank)
     layers = svd_layers(model)
     cums = {name: _sorted_energy(layer.s) for name, layer in layers}
     caps = {name: layer.rank for name, layer in layers}
     given = None if ranks is None else _check_ranks(ranks, caps)
+    floor = min_rank or 1
 
     def ranks_at(eps: float) -> dict[str, int]:
         if given is not None:
             return given
-        return {name: _rank_for(cums[name], eps, multiple_of, caps[name]) for name in cums}
+        return {name: _rank_for(cums[name], eps, multiple_of, caps[name], floor) for name in cums}
 
-    costs = None
-    try:
-        costs = _Costs(model, layer_inputs(model, input_shape))
-    except ValueError:
-        if target_flops is not None:
-            raise
+    costs = _costs(model, input_shape, example_inputs, example_kwargs, target_flops)
     if target_flops is not None:
         energy = _search_energy(costs, ranks_at, target_flops)
     kept_ranks = ranks_at(energy)
@@ -271,7 +339,7 @@ def prune(
         total = float(cum[-1])
         kept = float(cum[k - 1]) / total if total > 0 else 1.0
         before = after = None
-        if costs is not None and name in costs.svd:
+        if costs is not None:
             before, after = costs.layer(name, caps[name]), costs.layer(name, k)
         report.layers.append(
             LayerPrune(
@@ -289,6 +357,23 @@ def prune(
     return report
 
 
+def _costs(model, input_shape, example_inputs, example_kwargs, target_flops) -> _Costs | None:
+    """The cost model from one example forward (or one row per Linear without one); None
+    when convs cannot be counted without an input and no target needs them."""
+    if input_shape is None and example_inputs is None and example_kwargs is None:
+        try:
+            return _Costs(model, layer_inputs(model))
+        except ValueError:
+            if target_flops is not None:
+                raise
+            return None
+    trace = trace_macs(
+        model, input_shape, example_inputs=example_inputs, example_kwargs=example_kwargs
+    )
+    reads = {name: trace.weight_reads.get(name, 0) for name in trace.reasons}
+    return _Costs(model, trace.shapes, reads)
+
+
 def _search_energy(costs: _Costs, ranks_at, target_flops: float) -> float:
     """Smallest ε in [0, 1) with total MACs at ε ≤ target_flops · dense MACs (bisection)."""
     budget = target_flops * costs.dense
@@ -298,9 +383,9 @@ def _search_energy(costs: _Costs, ranks_at, target_flops: float) -> float:
     floor = costs.total(ranks_at(hi))
     if floor > budget:
         raise ValueError(
-            f"target_flops={target_flops} cannot be reached: with rank 1 in every SVD layer "
-            f"the model keeps {floor / costs.dense:.2%} of the dense MACs (layers left dense "
-            "and multiple_of count too)"
+            f"target_flops={target_flops} cannot be reached: at the lowest ranks allowed "
+            f"the model keeps {floor / costs.dense:.2%} of the dense MACs (layers left dense, "
+            "layers read through .weight, min_rank and multiple_of count too)"
         )
     lo = 0.0
     for _ in range(_BISECTION_STEPS):

@@ -14,6 +14,11 @@ import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+# The transformers models of test_real_models.py are built from config classes with random
+# weights; with these flags any attempt to reach the model hub fails at once instead.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 # triton ≤ 3.6's interpreter turns a runtime scalar into a 1-element numpy array; numpy ≥ 2.4
 # refuses int() of such an array, so every `range()` over a runtime bound raises this.
 INTERP_BUG = "only 0-dimensional arrays can be converted to Python scalars"

@@ -159,7 +159,7 @@ def _fake_measure(lowrank_faster: dict[tuple[int, int], bool]):
     """A stand-in for the timer: the low-rank pair is faster exactly for the listed
     (rank, batch) pairs (the timer itself is tested in test_tune.py)."""
 
-    def measure(layer, shape, dtype, input_grad, training, repeats):
+    def measure(layer, shape, dtype, input_grad, channels_last, training, repeats):
         assert not training
         fast = lowrank_faster.get((layer.rank, shape[0]), False)
         return {"dense": 1.0, "lowrank": 0.5 if fast else 0.97}  # 3% faster is not enough

@@ -4,16 +4,19 @@ torch.utils.flop_counter.FlopCounterMode (FLOPs = 2·MACs)."""
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)
     import svdkern
+from svdkern.layers import FLOP_FORMULAS, example_call, layer_inputs, weight_reads
 from svdkern.nn import SVDLinear
 
 
@@ -106,3 +109,288 @@ def test_flops_restores_training_mode_and_running_stats():
 
 def test_flops_exposed_at_top_level():
     assert callable(svdkern.flops) and svdkern.FlopsReport.__name__ == "FlopsReport"
+
+
+# --- example inputs, the FlopCounterMode total and its breakdown -------------------------
+
+
+def _flop_counter_macs(model: nn.Module, *args, formulas: bool = True, **kwargs) -> int:
+    """FlopCounterMode's MACs of one eval, no-grad forward (MultiheadAttention fast path
+    off), with svdkern's formulas for the ops it has none for when `formulas`."""
+    mapping = FLOP_FORMULAS if formulas else None
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+            model.eval()(*args, **kwargs)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return counter.get_total_flops() // 2
+
+
+class _Attention(nn.Module):
+    """Hand-written self-attention: q/k/v/o Linears and two activation × activation matmuls."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, L, D = x.shape
+
+        def split(t):
+            return t.reshape(B, L, self.heads, D // self.heads).transpose(1, 2)
+
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        scores = q @ k.transpose(-2, -1) / math.sqrt(D // self.heads)
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        out = scores.softmax(-1) @ v
+        return self.o(out.transpose(1, 2).reshape(B, L, D))
+
+
+class _TokenModel(nn.Module):
+    """Token ids → embedding → attention → Conv1d over time → MultiheadAttention →
+    ConvTranspose1d (not a counted layer) → LM head tied to the embedding."""
+
+    def __init__(self, vocab=40, dim=16, heads=2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.attn = _Attention(dim, heads)
+        self.conv = nn.Conv1d(dim, dim, 3, padding=1)
+        self.mha = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.up = nn.ConvTranspose1d(dim, dim, 1)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.embed(ids)
+        h = h + self.attn(h, mask)
+        h = h + self.conv(h.transpose(1, 2)).transpose(1, 2)
+        h = h + self.mha(h, h, h, need_weights=False)[0]
+        h = self.up(h.transpose(1, 2)).transpose(1, 2)
+        return self.head(h)
+
+
+class _SwinPattern(nn.Module):
+    """torchvision Swin's pattern: the parent reads qkv.weight into F.linear, so qkv's own
+    forward never runs."""
+
+    def __init__(self, dim=24, heads=3) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.fc = nn.Linear(dim, 4 * dim)
+        self.out = nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        qkv = F.linear(x, self.qkv.weight, self.qkv.bias)
+        q, k, v = qkv.reshape(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        a = (q @ k.transpose(-2, -1)).softmax(-1) @ v
+        x = x + self.proj(a.transpose(1, 2).reshape(B, L, D))
+        return x + self.out(F.gelu(self.fc(x)))
+
+
+B, L, DIM, HEADS, VOCAB = 2, 7, 16, 2, 40
+
+
+def _ids() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, VOCAB, (B, L))
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[1, -2:] = False
+    return ids, mask
+
+
+def test_flops_of_token_id_model_splits_the_flop_counter_total_by_category():
+    model = _TokenModel(VOCAB, DIM, HEADS)
+    ids, mask = _ids()
+    report = svdkern.flops(model, example_inputs=(ids,), example_kwargs={"mask": mask})
+    assert report.total_macs == _flop_counter_macs(model, ids, mask=mask)
+    rows = B * L
+    # counted: 4 attention Linears, Conv1d (k=3), MHA in-projection (3·E·E) + out_proj, head
+    expected = rows * DIM * DIM * (4 + 3 + 3 + 1) + rows * DIM * VOCAB
+    assert report.dense_macs == report.svd_macs == expected
+    layers = {lay.name: lay for lay in report.layers}
+    assert layers["mha"].kind == "MultiheadAttention.in_proj" and layers["mha"].calls == 3
+    assert layers["mha"].dense_macs == 3 * rows * DIM * DIM
+    assert layers["mha.out_proj"].dense_macs == rows * DIM * DIM
+    assert layers["conv"].kind == "Conv1d" and layers["conv"].dense_macs == rows * 3 * DIM * DIM
+    # attention: QKᵀ and AV of the hand-written block and of the MHA (heads·L·L·d each)
+    assert report.attention_macs == 2 * 2 * B * L * L * DIM
+    assert report.other_macs == {"aten.convolution": rows * DIM * DIM}  # the ConvTranspose1d
+    assert report.total_macs == report.svd_macs + report.uncounted_macs
+    assert report.weight_reads == {} and report.weight_read_macs == 0
+    text = str(report)
+    assert "FlopCounterMode" in text and "attention" in text and "aten.convolution" in text
+
+
+def test_flops_total_includes_what_plain_flop_counter_misses_only_through_added_formulas():
+    # A batch-first MHA with need_weights=False runs scaled_dot_product_attention, whose
+    # CPU kernel FlopCounterMode has no formula for: plain, it counts the projections only.
+    model = nn.Sequential(nn.Linear(DIM, DIM))
+    mha = nn.MultiheadAttention(DIM, HEADS, batch_first=True)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.mha = model[0], mha
+
+        def forward(self, x):
+            return self.mha(self.lin(x), x, x, need_weights=False)[0]
+
+    block = Block()
+    x = torch.randn(B, L, DIM)
+    report = svdkern.flops(block, example_inputs=x)
+    plain = _flop_counter_macs(block, x, formulas=False)
+    assert report.total_macs == _flop_counter_macs(block, x)
+    assert report.total_macs - plain == report.attention_macs == 2 * B * L * L * DIM
+    assert plain == report.dense_macs == B * L * DIM * DIM * 5
+
+
+def test_flops_of_svd_model_counts_the_chains_as_flop_counter_does():
+    with pytest.warns(UserWarning, match="ConvTranspose1d"):
+        model = svdkern.decompose(_TokenModel(VOCAB, DIM, HEADS))
+    ids, mask = _ids()
+    svdkern.prune(model, ranks={"attn.*": 3, "conv": 5})
+    report = svdkern.flops(model, example_inputs=(ids, mask))
+    assert report.total_macs == report.svd_macs + report.uncounted_macs
+    plain = svdkern.compress(model, policy="lowrank")
+    measured = _flop_counter_macs(plain, ids, mask)
+    assert report.svd_macs + report.uncounted_macs == measured
+    deployed = svdkern.compress(model, example_inputs=(ids, mask))
+    assert svdkern.flops(deployed, example_inputs=(ids, mask)).dense_macs == (
+        report.compressed_macs
+    )
+    assert _flop_counter_macs(deployed, ids, mask) == report.compressed_macs + (
+        report.uncounted_macs
+    )
+
+
+def test_layer_read_through_weight_is_counted_with_its_real_macs():
+    model = _SwinPattern()
+    x = torch.randn(B, L, 24)
+    report = svdkern.flops(model, example_inputs=x)
+    qkv = next(lay for lay in report.layers if lay.name == "qkv")
+    assert qkv.weight_read and qkv.calls == 0
+    assert qkv.dense_macs == qkv.svd_macs == qkv.compressed_macs == B * L * 24 * 72
+    assert set(report.weight_reads) == {"qkv"} and "aten.addmm" in report.weight_reads["qkv"]
+    assert report.weight_read_macs == qkv.dense_macs
+    assert report.total_macs == _flop_counter_macs(model, x)
+    assert report.total_macs == report.svd_macs + report.uncounted_macs
+    assert "read through .weight" in str(report)
+
+
+def test_svd_layer_read_through_weight_costs_its_dense_macs_at_any_rank():
+    dense = _SwinPattern()
+    x = torch.randn(B, L, 24)
+    with pytest.warns(UserWarning, match="qkv"):
+        model = svdkern.decompose(copy.deepcopy(dense), example_inputs=(x,))
+    model.qkv.prune_(4)
+    report = svdkern.flops(model, example_inputs=x)
+    qkv = next(lay for lay in report.layers if lay.name == "qkv")
+    assert qkv.weight_read and qkv.rank == 4 and qkv.compressed_form == "dense"
+    assert qkv.dense_macs == qkv.svd_macs == qkv.compressed_macs == B * L * 24 * 72
+    assert report.dense_macs == svdkern.flops(dense, example_inputs=x).dense_macs
+    deployed = svdkern.compress(model, example_inputs=(x,))
+    assert _flop_counter_macs(deployed, x) == report.compressed_macs + report.uncounted_macs
+
+
+def test_weight_reads_names_only_layers_used_outside_their_forward():
+    x = torch.randn(B, L, 24)
+    reads = weight_reads(_SwinPattern(), (x,), {})
+    assert list(reads) == ["qkv"] and "own forward does not run" in reads["qkv"]
+    # nn.MultiheadAttention reads its out_proj.weight itself: not a weight read
+    ids, mask = _ids()
+    assert weight_reads(_TokenModel(VOCAB, DIM, HEADS), (ids, mask), {}) == {}
+
+
+def test_flops_of_conv1d_and_svd_conv1d_match_flop_counter():
+    dense = nn.Sequential(nn.Conv1d(6, 12, 5, stride=2, padding=2), nn.ReLU(), nn.Conv1d(12, 8, 3))
+    shape = (3, 6, 31)
+    report = svdkern.flops(dense, shape)
+    assert report.dense_macs == report.total_macs == _counted_macs(dense, shape)
+    model = svdkern.decompose(copy.deepcopy(dense))
+    svdkern.prune(model, ranks={"0": 3, "2": 2})
+    report = svdkern.flops(model, shape)
+    assert report.dense_macs == _counted_macs(dense, shape)
+    assert report.svd_macs == _counted_macs(svdkern.compress(model, policy="lowrank"), shape)
+    assert report.compressed_macs == _counted_macs(
+        svdkern.compress(model, input_shape=shape), shape
+    )
+
+
+def test_flops_without_example_counts_one_row_and_no_total():
+    report = svdkern.flops(nn.Sequential(nn.Linear(5, 7), nn.MultiheadAttention(7, 1)))
+    assert report.dense_macs == 5 * 7 + 3 * 7 * 7 + 7 * 7 and report.total_macs is None
+    assert report.uncounted_macs is None and "no example forward" in str(report)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        pytest.param(
+            {"input_shape": (3, 20, 18)}, ValueError, "input_shape=\\(3, 20, 18\\)", id="3d-shape"
+        ),
+        pytest.param(
+            {"input_shape": INPUT, "example_inputs": torch.zeros(INPUT)},
+            ValueError,
+            "input_shape.*example_inputs",
+            id="both",
+        ),
+        pytest.param({"input_shape": (2, 3.5)}, ValueError, "input_shape must be", id="float"),
+        pytest.param(
+            {"example_inputs": torch.zeros(2, 5, 20, 18)}, ValueError, "example_inputs", id="bad"
+        ),
+        pytest.param(
+            {"example_inputs": torch.zeros(INPUT), "example_kwargs": [1]},
+            TypeError,
+            "example_kwargs",
+            id="kwargs-list",
+        ),
+        pytest.param({"example_inputs": {"x": 1}}, TypeError, "example_inputs", id="dict"),
+    ],
+)
+def test_flops_errors_name_the_argument(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        svdkern.flops(_cnn(), **kwargs)
+
+
+def test_layer_inputs_take_example_inputs_and_keep_the_input_shape_path():
+    model = _TokenModel(VOCAB, DIM, HEADS)
+    ids, mask = _ids()
+    shapes = layer_inputs(model, example_inputs=ids, example_kwargs={"mask": mask})
+    assert shapes["mha"] == [(B, L, DIM)] * 3 and shapes["mha.out_proj"] == [(B, L, DIM)]
+    assert shapes["conv"] == [(B, DIM, L)] and shapes["attn.q"] == [(B, L, DIM)]
+    assert layer_inputs(_cnn(), INPUT)["0"] == [INPUT]
+    args, kwargs = example_call(model, example_kwargs={"ids": ids})
+    assert args == () and kwargs["ids"] is ids
+
+
+class _DtypeRead(nn.Module):
+    """Reads a child's weight only for its dtype (no op uses it) and calls it normally."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(12, 12)
+        self.out = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.fc(x.to(self.fc.weight.dtype)))
+
+
+def test_layer_whose_weight_attribute_is_read_stays_dense_in_the_counts():
+    x = torch.randn(5, 12)
+    reads = weight_reads(_DtypeRead(), (x,), {})
+    assert list(reads) == ["fc"] and ".weight is read" in reads["fc"]
+    model = svdkern.decompose(_DtypeRead())
+    model.fc.prune_(2)
+    model.out.prune_(1)
+    report = svdkern.flops(model, example_inputs=x)
+    fc, out = report.layers
+    assert fc.weight_read and fc.compressed_form == "dense" and fc.compressed_macs == 5 * 144
+    assert not out.weight_read and out.compressed_form == "lowrank"
+    assert report.weight_read_macs == 0  # read for its dtype: no MACs of its own
+    assert isinstance(model.fc, SVDLinear) and type(model.fc) is SVDLinear  # class restored

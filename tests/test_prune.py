@@ -9,7 +9,9 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)
@@ -173,3 +175,170 @@ def test_multiple_of_rounds_a_rule_rank_above_the_multiple_up():
     svdkern.prune(nn.Sequential(layer), energy=1e-3, multiple_of=8)
     assert _expected_rank(torch.tensor(s), 1e-3) == 10
     assert layer.rank == 16
+
+
+# --- example inputs, per-layer ranks, min_rank, layers read through .weight ---------------
+
+
+class _Blocks(nn.Module):
+    """Token ids → embedding → two MLP blocks with a hand-written attention matmul → head."""
+
+    def __init__(self, vocab=30, dim=24) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    "qk": nn.Linear(dim, 2 * dim),
+                    "fc1": nn.Linear(dim, 48),
+                    "fc2": nn.Linear(48, dim),
+                }
+            )
+            for _ in range(2)
+        )
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, ids: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        h = self.embed(ids) * scale
+        for block in self.blocks:
+            q, k = block["qk"](h).chunk(2, dim=-1)
+            h = h + (q @ k.transpose(-2, -1)).softmax(-1) @ h
+            h = h + block["fc2"](torch.relu(block["fc1"](h)))
+        return self.head(h)
+
+
+class _SwinPattern(nn.Module):
+    """The parent reads qkv.weight into F.linear (torchvision Swin); proj/fc are called."""
+
+    def __init__(self, dim=32) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.fc = nn.Linear(dim, 4 * dim)
+        self.out = nn.Linear(4 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = F.linear(x, self.qkv.weight, self.qkv.bias).chunk(3, dim=-1)
+        x = x + self.proj((q @ k.transpose(-2, -1)).softmax(-1) @ v)
+        return x + self.out(torch.relu(self.fc(x)))
+
+
+def _measured_counted_macs(model: nn.Module, names, *args, **kwargs) -> int:
+    """FlopCounterMode's MACs inside the modules `names` of `model` (a pair of Linears
+    after compress included), plus those of weights `model` reads (the Swin qkv)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.eval()(*args, **kwargs)
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+    inside = sum(sum(counts.get(f"{root}.{n}", {}).values()) for n in names)
+    return inside // 2
+
+
+def _trained_like(model: nn.Module) -> nn.Module:
+    """Decomposed, with a decaying spectrum so that energy pruning has something to cut."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = svdkern.decompose(model)
+    with torch.no_grad():
+        for _, layer in svdkern.nn.svd_layers(model):
+            layer.s.mul_(torch.logspace(0, -2, layer.rank, dtype=layer.s.dtype))
+    return model
+
+
+def test_target_flops_with_token_ids_holds_under_flop_counter():
+    torch.manual_seed(0)
+    dense = _Blocks()
+    ids = torch.randint(0, 30, (2, 9))
+    names = [n for n, m in dense.named_modules() if isinstance(m, nn.Linear)]
+    model = _trained_like(copy.deepcopy(dense))
+    report = svdkern.prune(
+        model, target_flops=0.5, example_inputs=(ids,), example_kwargs={"scale": 2.0}
+    )
+    assert 0.48 <= report.flops_ratio <= 0.5
+    compressed = svdkern.compress(model, example_inputs=(ids,), example_kwargs={"scale": 2.0})
+    before = _measured_counted_macs(dense, names, ids, scale=2.0)
+    after = _measured_counted_macs(compressed, names, ids, scale=2.0)
+    assert report.dense_macs == before and report.macs_after == after
+    assert after / before <= 0.5
+
+
+def test_target_flops_counts_a_layer_read_through_weight_as_a_fixed_cost():
+    torch.manual_seed(0)
+    dense = _SwinPattern()
+    x = torch.randn(2, 10, 32)
+    model = _trained_like(copy.deepcopy(dense))
+    report = svdkern.prune(model, target_flops=0.5, example_inputs=x)
+    qkv = next(lay for lay in report.layers if lay.name == "qkv")
+    assert qkv.macs_before == qkv.macs_after == 2 * 10 * 32 * 96
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        dense.eval()(x)
+    counted_before = counter.get_total_flops() // 2 - 2 * 2 * 10 * 10 * 32  # minus attention
+    assert report.dense_macs == counted_before
+    compressed = svdkern.compress(model, example_inputs=x)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        out = compressed.eval()(x)
+    counted_after = counter.get_total_flops() // 2 - 2 * 2 * 10 * 10 * 32
+    assert report.macs_after == counted_after and counted_after <= 0.5 * counted_before
+    assert out.shape == x.shape
+
+
+def test_ranks_take_globs_exact_names_first():
+    model = _trained_like(_Blocks())
+    report = svdkern.prune(
+        model, ranks={"blocks.0.fc1": 7, "blocks.*.fc*": 5, "blocks.*": 3, "head": 2}
+    )
+    ranks = {lay.name: lay.rank_after for lay in report.layers}
+    assert ranks == {
+        "blocks.0.qk": 3,
+        "blocks.0.fc1": 7,
+        "blocks.0.fc2": 5,
+        "blocks.1.qk": 3,
+        "blocks.1.fc1": 5,
+        "blocks.1.fc2": 5,
+        "head": 2,
+    }
+    assert model.blocks[0]["fc1"].rank == 7 and model.head.rank == 2
+
+
+def test_ranks_glob_caps_at_each_layers_rank():
+    model = nn.Sequential(SVDLinear(8, 3), SVDLinear(3, 8))
+    svdkern.prune(model, ranks={"*": 5})
+    assert model[0].rank == 3 and model[1].rank == 3
+
+
+def test_ranks_glob_without_a_match_is_an_error():
+    with pytest.raises(ValueError, match=r"not SVD layers.*'blocks\.\*\.nope'"):
+        svdkern.prune(_trained_like(_Blocks()), ranks={"blocks.*.nope": 2})
+
+
+def test_min_rank_floors_the_energy_rule_capped_at_the_rank():
+    model = nn.Sequential(_layer_with([3.0, 1e-4, 1e-4, 1e-4, 1e-4, 1e-4]), _layer_with([1.0, 0.0]))
+    svdkern.prune(model, energy=1e-3, min_rank=4)
+    assert model[0].rank == 4 and model[1].rank == 2
+
+
+def test_min_rank_applies_to_target_flops():
+    model = _trained_like(_Blocks())
+    ids = torch.randint(0, 30, (2, 9))
+    report = svdkern.prune(model, target_flops=0.6, example_inputs=ids, min_rank=6)
+    assert all(lay.rank_after >= 6 for lay in report.layers)
+    assert report.flops_ratio <= 0.6
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        pytest.param({"energy": 0.1, "min_rank": 0}, "min_rank", id="min-rank-0"),
+        pytest.param({"ranks": {"0": 2}, "min_rank": 2}, "min_rank", id="min-rank-with-ranks"),
+        pytest.param({"ranks": {"0": 0}}, r"ranks\['0'\]", id="rank-0"),
+    ],
+)
+def test_prune_rejects_bad_per_layer_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        svdkern.prune(nn.Sequential(SVDLinear(4, 4)), **kwargs)
+
+
+def test_target_flops_with_a_wrong_input_shape_names_input_shape():
+    model = nn.Sequential(SVDConv2d(3, 4, 3), nn.Flatten(), SVDLinear(4 * 4 * 4, 2))
+    with pytest.raises(ValueError, match=r"input_shape=\(3, 6, 6\)"):
+        svdkern.prune(model, target_flops=0.5, input_shape=(3, 6, 6))

@@ -41,12 +41,14 @@ def _uninitialized() -> Iterator[None]:
         _init_parameters = previous
 
 
-def _pair(value, name: str) -> tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    if isinstance(value, Sequence) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        return (int(value[0]), int(value[1]))
-    raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+def _ntuple(value, n: int, name: str) -> tuple[int, ...]:
+    """`value` (an int, or a sequence of n ints) as an n-tuple of ints."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,) * n
+    if isinstance(value, Sequence) and len(value) == n and all(isinstance(v, int) for v in value):
+        return tuple(int(v) for v in value)
+    what = "a 1-tuple" if n == 1 else "a pair of ints" if n == 2 else f"{n} ints"
+    raise ValueError(f"{name} must be an int or {what}, got {value!r}")
 
 
 def _check_mode(mode: str) -> str:

@@ -1,4 +1,6 @@
-"""`SVDLinear`: nn.Linear with its weight kept as U·diag(s)·Vᵀ.
+"""`SVDLinear`: nn.Linear with its weight kept as U·diag(s)·Vᵀ; `is_conv1d_like` recognises
+the transposed-weight Linear of transformers (`Conv1D`, GPT-2), which `SVDLinear.from_dense`
+also takes.
 
 Example::
 
@@ -20,7 +22,24 @@ from svdkern import ops
 from svdkern.nn import _base
 from svdkern.nn._base import SVDLayer, _uninitialized
 
-__all__ = ["SVDLinear"]
+__all__ = ["SVDLinear", "is_conv1d_like"]
+
+
+def is_conv1d_like(module: nn.Module) -> bool:
+    """True for transformers' `Conv1D` (GPT-2 and its relatives): a Linear y = x·W + b
+    whose weight W has shape (in, out) = (nx, nf). Recognised by its class name (itself or
+    a base class named "Conv1D"), a 2-D weight and an `nf` attribute equal to W.shape[1],
+    so transformers need not be imported."""
+    if not isinstance(module, nn.Module):
+        return False
+    if not any(cls.__name__ == "Conv1D" for cls in type(module).__mro__):
+        return False
+    weight = getattr(module, "weight", None)
+    return (
+        isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+        and getattr(module, "nf", None) == weight.shape[1]
+    )
 
 
 class SVDLinear(SVDLayer):
@@ -80,23 +99,45 @@ class SVDLinear(SVDLayer):
 
     @classmethod
     def from_dense(
-        cls, linear: nn.Linear, rank: int | None = None, *, mode: str = "auto"
+        cls, linear: nn.Module, rank: int | None = None, *, mode: str = "auto"
     ) -> SVDLinear:
-        """Exact factorization of `linear` (float64 SVD, cast back), optionally truncated."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        w = linear.weight
+        """Exact factorization of `linear` (float64 SVD, cast back), optionally truncated.
+
+        `linear` is an nn.Linear (weight (out, in)) or a transformers `Conv1D`
+        (`is_conv1d_like`: weight (in, out), y = x·W + b); either way the result computes
+        the same y = x·Wᵀ + b with in_features, out_features of the dense map.
+        """
+        if isinstance(linear, nn.Linear):
+            weight = linear.weight
+        elif is_conv1d_like(linear):
+            weight = linear.weight.mT
+        else:
+            raise TypeError(
+                "linear must be an nn.Linear or a transformers Conv1D (weight (in, out), "
+                f"attribute nf), got {type(linear).__name__}"
+            )
+        bias = getattr(linear, "bias", None)
+        out_features, in_features = weight.shape
+        if bias is not None and tuple(bias.shape) != (out_features,):
+            raise ValueError(
+                f"{type(linear).__name__}.bias must have shape ({out_features},), got "
+                f"{list(bias.shape)}"
+            )
         with _uninitialized():
             layer = cls(
-                linear.in_features,
-                linear.out_features,
-                bias=linear.bias is not None,
+                in_features,
+                out_features,
+                bias=bias is not None,
                 rank=rank,
                 mode=mode,
-                device=w.device,
-                dtype=w.dtype,
+                device=weight.device,
+                dtype=weight.dtype,
             )
-        return layer._copy_from_dense(linear)
+        layer._init_from_weight(weight)
+        if bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(bias)
+        return layer.train(linear.training)
 
     def _matrix_from_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return weight
