@@ -53,8 +53,30 @@ def provenance(device: str | torch.device = "cpu") -> dict[str, str]:
     }
 
 
+def _merged_header(path: Path, fields: list[str]) -> list[str]:
+    """The CSV's columns followed by any of `fields` it lacks; if there are new ones the
+    file is rewritten (atomically) with the wider header, its rows blank in them."""
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        existing = list(reader.fieldnames or [])
+        old_rows = list(reader)
+    merged = existing + [c for c in fields if c not in existing]
+    if merged != existing:
+        tmp = path.with_name(f".{path.name}.tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=merged, restval="")
+            writer.writeheader()
+            writer.writerows(old_rows)
+        tmp.replace(path)
+    return merged
+
+
 def append_rows(name: str, rows: list[dict], device: str | torch.device = "cpu") -> Path:
-    """Append result rows (dicts with the same keys) to bench/results/<name>.csv."""
+    """Append result rows (dicts with the same keys) to bench/results/<name>.csv.
+
+    A benchmark that gains a column (a new ratio) widens the CSV: earlier runs' rows get
+    an empty value there, and rows lacking one of the CSV's columns are written blank in it.
+    """
     if not rows:
         raise ValueError("append_rows: rows must be a non-empty list of dicts")
     meta = provenance(device)
@@ -64,15 +86,9 @@ def append_rows(name: str, rows: list[dict], device: str | torch.device = "cpu")
     RESULTS.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
     if not new:
-        with path.open(newline="") as f:
-            existing = next(csv.reader(f), None)
-        if existing and existing != fields:
-            raise ValueError(
-                f"append_rows: columns {fields} differ from those of {path} ({existing}); "
-                "use a new result name for a new layout"
-            )
+        fields = _merged_header(path, fields)
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
         if new:
             writer.writeheader()
         writer.writerows(full)

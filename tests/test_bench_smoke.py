@@ -110,3 +110,19 @@ def test_report_tables_have_the_fixed_columns():
     lines = result_table(_rows(a={"dense": 2.0, "svdkern": 3.0}), "dense")
     assert lines[0] == "| op | shape | dtype | provider | ms | ratio |"
     assert lines[3] == "| train step | a batch=8 | bf16 | svdkern | 3 | 1.5 |"
+
+
+def test_results_csv_widens_when_a_benchmark_gains_a_column(tmp_path, monkeypatch):
+    import csv
+
+    from bench import _results
+
+    monkeypatch.setattr(_results, "RESULTS", tmp_path)
+    _results.append_rows("t", [{"provider": "a", "ms": 1.0}])
+    _results.append_rows("t", [{"provider": "b", "ms": 2.0, "vs_new": 0.5}])
+    _results.append_rows("t", [{"provider": "c", "ms": 3.0}])
+    with (tmp_path / "t.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["provider"] for r in rows] == ["a", "b", "c"]
+    assert [r["vs_new"] for r in rows] == ["", "0.5", ""]
+    assert all(r["git_sha"] and r["date"] for r in rows)
