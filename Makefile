@@ -46,8 +46,10 @@ demo: $(VENV)/.installed
 test: test-cpu test-interp
 
 # The whole CPU suite: C++ kernels, autograd, opcheck, compile, modules, CLI, DDP, resume.
+# SVDKERN_REQUIRE_DEV: the dev dependencies (transformers) are installed here, so a test
+# module needing one fails rather than skips when it is missing.
 test-cpu: $(VENV)/.installed
-	$(PYTEST) -q
+	SVDKERN_REQUIRE_DEV=1 $(PYTEST) -q
 
 # The Triton kernels on CPU tensors through the same ops (TRITON_INTERPRET=1), small shapes.
 test-interp: $(VENV)/.installed
@@ -60,7 +62,7 @@ test-compat: compat-build
 	if [ -f $(COMPAT_DIR)/.passed-$$hash ]; then \
 		echo "test-compat: this tree already passed ($(COMPAT_DIR)/.passed-$$hash)"; exit 0; fi; \
 	cd $(COMPAT_SRC) && \
-	OMP_NUM_THREADS=1 $(COMPAT_PY) -m pytest -q -p no:cacheprovider && \
+	SVDKERN_REQUIRE_DEV=1 OMP_NUM_THREADS=1 $(COMPAT_PY) -m pytest -q -p no:cacheprovider && \
 	TRITON_INTERPRET=1 SVDKERN_BACKEND=triton OMP_NUM_THREADS=1 \
 		$(COMPAT_PY) -m pytest -q -p no:cacheprovider -m interp \
 		-W "ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning" && \

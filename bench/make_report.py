@@ -27,6 +27,8 @@ PLOTS = RESULTS / "plots"
 META = ("device", "torch", "triton", "git_sha", "date")
 TIME_COLUMNS = ("ms", "median_ms")
 # Columns that, with the op, describe a row's problem (in this order) when it has no `case`.
+# What a row of each result measures, for CSVs whose rows carry no `op` column.
+OPS = {"deploy_cpu": "deployed forward", "e2e_cpu": "training run"}
 SHAPE_COLUMNS = ("scenario", "method", "batch", "rows", "m", "n", "r", "rho", "mode_form")
 
 
@@ -146,15 +148,16 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def latest_runs(rows: list[dict]) -> dict[str, list[dict]]:
-    """Rows of the newest run for each device (one run's rows share one date stamp)."""
-    by_device: dict[str, list[dict]] = defaultdict(list)
+    """Rows of the newest run for each device and scenario (one run's rows share one date
+    stamp; a scenario benchmarked again alone replaces only its own rows)."""
+    by_key: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for row in rows:
-        by_device[row["device"]].append(row)
-    out = {}
-    for device, device_rows in by_device.items():
-        newest = max(r["date"] for r in device_rows)
-        out[device] = [r for r in device_rows if r["date"] == newest]
-    return out
+        by_key[(row["device"], row.get("scenario", ""))].append(row)
+    out: dict[str, list[dict]] = defaultdict(list)
+    for (device, _), key_rows in by_key.items():
+        newest = max(r["date"] for r in key_rows)
+        out[device] += [r for r in key_rows if r["date"] == newest]
+    return dict(out)
 
 
 def time_of(row: dict) -> float | None:
@@ -267,11 +270,9 @@ def _fmt(value: str) -> str:
     return f"{f:.3g}" if abs(f) < 1000 else f"{f:.4g}"
 
 
-def normalize(row: dict) -> dict:
+def normalize(row: dict, stem: str = "") -> dict:
     """The fixed columns of a result row: op (with mode), shape, dtype, provider, ms."""
-    op = row.get("op") or ("train step" if row.get("scenario") else "")
-    if row.get("train_seconds") not in (None, ""):
-        op = "training run"
+    op = row.get("op") or OPS.get(stem) or ("train step" if row.get("scenario") else "")
     if row.get("mode"):
         op = f"{op} {row['mode']}"
     if row.get("case"):
@@ -291,9 +292,9 @@ def normalize(row: dict) -> dict:
     }
 
 
-def result_table(rows: list[dict], baseline: str) -> list[str]:
+def result_table(rows: list[dict], baseline: str, stem: str = "") -> list[str]:
     """Rows with ratio = ms / ms of `baseline` for the same op, shape and dtype."""
-    norm = [normalize(r) for r in rows]
+    norm = [normalize(r, stem) for r in rows]
     base = {(n["op"], n["shape"], n["dtype"]): n["ms"] for n in norm if n["provider"] == baseline}
     lines = ["| op | shape | dtype | provider | ms | ratio |", "|---|---|---|---|---|---|"]
     for n in norm:
@@ -332,7 +333,7 @@ def plot_train(rows: list[dict], path: Path, title: str) -> bool:
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))])
     ax.set_xticklabels([f"{s}\nb{b} {d}" for s, b, d in groups], fontsize=8)
-    ax.set_ylabel("step time / dense step time")
+    ax.set_ylabel("time / dense time")
     ax.set_yscale("log")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
@@ -373,19 +374,21 @@ def render(results: dict[str, list[dict]], plots: bool = True) -> str:
         train = "scenario" in rows[0]
         baseline = "dense" if train else "reference"
         for device, run_rows in latest_runs(rows).items():
-            r0 = run_rows[0]
+            runs = dict.fromkeys(
+                f"torch {r['torch']}, triton {r['triton']}, git {r['git_sha']}, {r['date']}"
+                for r in run_rows
+            )
             parts += [
                 f"## {stem} — {device}",
                 "",
-                f"torch {r0['torch']}, triton {r0['triton']}, git {r0['git_sha']}, "
-                f"{r0['date']}. ratio = ms / ms of `{baseline}` (same op, shape, dtype).",
+                f"{'; '.join(runs)}. ratio = ms / ms of `{baseline}` (same op, shape, dtype).",
                 "",
             ]
             slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-")
             png = PLOTS / f"{stem}-{slug}.png"
             if plots and train and plot_train(run_rows, png, f"{stem}: {device}"):
                 parts += [f"![{stem}]({png.relative_to(ROOT)})", ""]
-            parts += [*result_table(run_rows, baseline), ""]
+            parts += [*result_table(run_rows, baseline, stem), ""]
     return "\n".join(parts)
 
 

@@ -27,10 +27,11 @@ from svdkern.nn import svd_layers
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-if os.environ.get("CI"):
-    # A dev dependency (pyproject.toml, `make install`): in CI a missing install must fail.
+if os.environ.get("SVDKERN_REQUIRE_DEV"):
+    # `make test` installed the dev dependencies (pyproject.toml): a missing one must fail.
     import transformers
 else:
+    # Elsewhere (e.g. a GPU machine without network) the module says why it does not run.
     transformers = pytest.importorskip(
         "transformers", reason="transformers is a dev dependency: pip install -e '.[dev]'"
     )
