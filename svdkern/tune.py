@@ -42,7 +42,14 @@ from torch import nn
 from svdkern.layers import format_table
 from svdkern.nn import SVDLayer, svd_layers
 
-__all__ = ["LayerForm", "TuneReport", "clear_tune_cache", "set_memory_format", "tune_forms"]
+__all__ = [
+    "LayerForm",
+    "TuneReport",
+    "clear_tune_cache",
+    "set_memory_format",
+    "time_models",
+    "tune_forms",
+]
 
 TRAINING_FORMS = ("compose", "chain")
 INFERENCE_FORMS = ("dense", "lowrank")
@@ -406,6 +413,34 @@ def _tune_layers(
                 name, shape, layer.rank, layer.full_rank, bool(training), dict(times), form, cached
             )
         )
+
+
+def time_models(
+    models: dict[str, nn.Module], examples: Sequence[tuple[tuple, dict]], repeats: int = 5
+) -> dict[str, list[float]]:
+    """{name: [median ms of an eval, no-grad forward per example]} of every model, each
+    example's models timed interleaved (the same rounds fall on all of them alike)."""
+    out: dict[str, list[float]] = {name: [] for name in models}
+    flags = {name: m.training for name, m in models.items()}
+    try:
+        for args, kwargs in examples:
+
+            def forward(model: nn.Module, args=args, kwargs=kwargs) -> Callable[[], None]:
+                def run() -> None:
+                    with torch.no_grad():
+                        model(*args, **kwargs)
+
+                return run
+
+            fns = {name: forward(m.eval()) for name, m in models.items()}
+            device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+            times = _time_interleaved(fns, repeats, device or torch.device("cpu"))
+            for name, ms in times.items():
+                out[name].append(ms)
+    finally:
+        for name, m in models.items():
+            m.train(flags[name])
+    return out
 
 
 def tune_forms(

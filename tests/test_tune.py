@@ -255,3 +255,13 @@ def test_auto_memory_format_ignores_models_without_image_inputs():
     report = svdkern.tune_forms(model, torch.randn(3, 8), repeats=1, memory_format="auto")
     assert report.memory_format == "contiguous" and report.memory_format_ms == {}
     assert not model._forward_pre_hooks
+
+
+def test_time_models_times_every_model_at_every_example_and_restores_modes():
+    slow = nn.Sequential(nn.Linear(64, 64), *[nn.Linear(64, 64) for _ in range(30)]).train()
+    fast = nn.Linear(64, 64).train()
+    examples = [((torch.randn(2, 64),), {}), ((torch.randn(64, 64),), {})]
+    times = tune.time_models({"slow": slow, "fast": fast}, examples, repeats=3)
+    assert set(times) == {"slow", "fast"} and all(len(v) == 2 for v in times.values())
+    assert all(s > f for s, f in zip(times["slow"], times["fast"], strict=True))
+    assert slow.training and fast.training
