@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import inspect
-import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +21,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from svdkern.layers import example_call, format_table, layer_inputs, lowrank_is_cheaper
+from svdkern.layers import (
+    example_call,
+    format_table,
+    lowrank_is_cheaper,
+    trace_macs,
+    weight_reads,
+)
 from svdkern.nn import (
     DECOMPOSITIONS,
     SVDConv1d,
@@ -276,102 +280,6 @@ def _tie(module: nn.Module, owners: dict[int, list[tuple[str, nn.Module, str]]])
     return ""
 
 
-def _caller(depth: int) -> str:
-    frame = sys._getframe(depth)
-    code = frame.f_code
-    owner = frame.f_locals.get("self")
-    where = f"{type(owner).__name__}.{code.co_name}" if owner is not None else code.co_name
-    return f"{where} ({code.co_filename.rsplit('/', 1)[-1]}:{frame.f_lineno})"
-
-
-_MHA_WEIGHTS = ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight")
-
-
-def _spy_class(cls: type, names: tuple[str, ...], reads: dict, active: dict, guards: dict) -> type:
-    """A subclass of `cls` that records reads of the attributes `names` (e.g. weight and
-    bias) made while neither the instance's own forward nor its guard's (the attention
-    module holding it) is running. It registers no hooks: some parents take another path
-    when a child has hooks (nn.TransformerEncoderLayer's fast path reads its children's
-    weights only when no module has a hook)."""
-
-    def note(module: nn.Module) -> None:
-        key = id(module)
-        if active.get(key) or active.get(guards.get(key)) or key in reads:
-            return
-        reads[key] = _caller(3)
-
-    def __getattr__(self, name):
-        if name in names:
-            note(self)
-        return cls.__getattr__(self, name)
-
-    def forward(self, *args, **kwargs):
-        active[id(self)] = active.get(id(self), 0) + 1
-        try:
-            return cls.forward(self, *args, **kwargs)
-        finally:
-            active[id(self)] -= 1
-
-    namespace = {"__getattr__": __getattr__, "forward": forward, "__module__": cls.__module__}
-    for name in names:
-        prop = getattr(cls, name, None)
-        if isinstance(prop, property):
-
-            def read(self, prop=prop):
-                note(self)
-                return prop.fget(self)
-
-            namespace[name] = property(read)
-    return type(cls.__name__, (cls,), namespace)
-
-
-def _weight_reads(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, str]:
-    """{qualified name: reason} of the layers (dense candidates, SVD layers) whose weight
-    or bias is read during one eval, no-grad forward while their own forward is not
-    running (the pattern `F.linear(x, self.qkv.weight, self.qkv.bias)`, or a cast to
-    `self.fc.weight.dtype`): such a layer must keep a `.weight`. For an
-    nn.MultiheadAttention its in_proj_weight / q_proj_weight / ... count, and reads of
-    an attention module's projections by that module itself do not. Every attribute read
-    counts, not only the matmuls whose MACs `svdkern.layers.weight_reads` attributes: a
-    read of `.weight.dtype` breaks a compressed pair just the same."""
-    attention = (nn.MultiheadAttention, SVDMultiheadAttention)
-    layers: list[tuple[str, nn.Module, tuple[str, ...]]] = []
-    guards: dict[int, int] = {}
-    for name, m in model.named_modules():
-        if isinstance(m, nn.MultiheadAttention):
-            layers.append((name, m, _MHA_WEIGHTS))
-        elif isinstance(m, SVDMultiheadAttention):
-            layers.append((name, m, ()))
-        elif isinstance(m, SVDLayer) or _is_candidate(m):
-            layers.append((name, m, ("weight", "bias")))
-        if isinstance(m, attention):
-            guards.update({id(child): id(m) for child in m.children()})
-    reads: dict[int, str] = {}
-    active: dict[int, int] = {}
-    classes: dict[type, type] = {}
-    originals = [(m, type(m)) for _, m, _ in layers]
-    flags = {m: m.training for m in model.modules()}
-    try:
-        for _, m, names in layers:
-            cls = type(m)
-            if cls not in classes:
-                classes[cls] = _spy_class(cls, names, reads, active, guards)
-            m.__class__ = classes[cls]
-        model.eval()
-        with torch.no_grad():
-            model(*args, **kwargs)
-    finally:
-        for m, cls in originals:
-            m.__class__ = cls
-        for m, flag in flags.items():
-            m.training = flag
-    return {
-        name: f"its weight is read by {reads[id(m)]} outside its own forward"
-        for name, m, _ in layers
-        if id(m) in reads
-    }
-
-
 def plan(
     model: nn.Module,
     decomposition: str = "channel",
@@ -433,7 +341,7 @@ def plan(
     # initialize them behind the user's back, so it is not run.
     if not lazy and (example_inputs is not None or example_kwargs is not None):
         args, kwargs = example_call(model, None, example_inputs, example_kwargs)
-        reads = _weight_reads(model, args, kwargs)
+        reads = weight_reads(model, args, kwargs)
 
     report = DecomposeReport(decomposition, mha, [])
     for key, module in found.items():
@@ -595,10 +503,11 @@ def decompose(
     (handles the user holds still remove them); state-dict hooks are dropped and named.
     Lazy modules with uninitialized parameters raise a ValueError (run one forward first).
 
-    With `example_inputs`, one eval forward finds the layers whose weight their parent
-    reads directly (`F.linear(x, self.qkv.weight, self.qkv.bias)`): they are converted
-    (an SVD layer exposes `.weight`, the composed U·diag(s)·Vᵀ) and listed, and
-    `compress` keeps them dense.
+    With `example_inputs`, eval forwards of the example (`svdkern.layers.weight_reads`)
+    find the layers whose weight their parent reads directly (`F.linear(x, self.qkv.weight,
+    self.qkv.bias)`, nn.TransformerEncoderLayer's fast path): they are converted (an SVD
+    layer exposes `.weight`, the composed U·diag(s)·Vᵀ) and listed, and `compress` keeps
+    them dense.
 
     Args:
         model: the model; modified in place.
@@ -684,14 +593,11 @@ def _shapes(input_shape) -> list[tuple[int, ...]]:
     )
 
 
-def _latency_forms(
+def _latency_examples(
     model: nn.Module, input_shape, example_inputs, example_kwargs
-) -> dict[str, bool]:
-    """{layer name: deploy the low-rank pair?} from measured forward times (tune_forms with
-    training=False) at every given input shape, or at `example_inputs`: the pair only where
-    it is faster at all."""
-    from svdkern.tune import tune_forms
-
+) -> list[tuple[tuple, dict]]:
+    """The (args, kwargs) of every forward policy "latency" times: one per input shape (a
+    random float input of the model's dtype) or the one example."""
     if input_shape is None and example_inputs is None:
         raise ValueError(
             "policy='latency' needs input_shape (one shape or a list, e.g. [(1, 3, 32, 32), "
@@ -701,25 +607,35 @@ def _latency_forms(
     if example_inputs is not None:
         if input_shape is not None:
             raise ValueError("pass input_shape or example_inputs, not both")
-        extra = {}
-        if example_kwargs:
-            if "example_kwargs" not in inspect.signature(tune_forms).parameters:
-                raise ValueError(
-                    "policy='latency' times the model on positional example_inputs only; "
-                    "example_kwargs are not supported with it"
-                )
-            extra["example_kwargs"] = example_kwargs
-        examples = [(example_inputs, extra)]
-    else:
-        first = next(iter(model.parameters()), None)
-        factory = {"device": first.device, "dtype": first.dtype} if first is not None else {}
-        examples = [(torch.randn(shape, **factory), {}) for shape in _shapes(input_shape)]
+        return [example_call(model, example_inputs=example_inputs, example_kwargs=example_kwargs)]
+    first = next(iter(model.parameters()), None)
+    factory = {"device": first.device, "dtype": first.dtype} if first is not None else {}
+    return [((torch.randn(shape, **factory),), {}) for shape in _shapes(input_shape)]
+
+
+def _latency_forms(model: nn.Module, examples: list[tuple[tuple, dict]]) -> dict[str, bool]:
+    """{layer name: deploy the low-rank pair?} from measured forward times (tune_forms with
+    training=False) at every example: the pair only where it is faster at all."""
+    from svdkern.tune import tune_forms
+
     lowrank: dict[str, bool] = {}
-    for example, extra in examples:
-        report = tune_forms(model, example, training=False, **extra)
+    for args, kwargs in examples:
+        report = tune_forms(model, args, training=False, example_kwargs=kwargs)
         for lay in report.layers:
             lowrank[lay.name] = lowrank.get(lay.name, True) and lay.form == "lowrank"
     return lowrank
+
+
+def _slower_than_dense(
+    deployed: nn.Module, dense: nn.Module, examples: list[tuple[tuple, dict]]
+) -> bool:
+    """Whether the deployed model's forward is slower than the all-dense one at any
+    example (the two timed interleaved): layers timed alone can add up to a slower model
+    (cache effects, one more op per layer at batch 1)."""
+    from svdkern.tune import time_models
+
+    times = time_models({"deployed": deployed, "dense": dense}, examples)
+    return any(a > b for a, b in zip(times["deployed"], times["dense"], strict=True))
 
 
 def _plain_like(twin: nn.Module, plain: nn.Module) -> nn.Module:
@@ -754,16 +670,18 @@ def compress(
     A layer whose weight its parent reads directly (`F.linear(x, self.qkv.weight, ...)`)
     becomes one dense layer under every policy, so that `.weight` still exists (a pair
     would make the parent fail, and composing the weight saves nothing). Such reads are
-    found by one eval forward of the example (input_shape or example_inputs), or were found
-    by `decompose` given example inputs.
+    found on the example (input_shape or example_inputs; `svdkern.layers.weight_reads`, the
+    list `flops` and `prune` count with), or were found by `decompose` given example inputs.
 
     Args:
         model: a model with SVD layers (left unchanged).
         policy: "flops" (low-rank pair where it costs fewer MACs than dense, else dense),
             "latency" (low-rank pair where its forward was measured faster than the dense
             layer on the model's device at every input_shape, see `svdkern.tune_forms`;
-            layers never called stay dense), "lowrank" (always the pair) or "dense"
-            (always one dense layer).
+            layers never called stay dense; then the whole model so built is timed
+            against the all-dense one at every input_shape, and the all-dense one is
+            returned if it was faster at any: never slower than dense, as measured),
+            "lowrank" (always the pair) or "dense" (always one dense layer).
         input_shape: input shape for the MAC comparison of policy "flops" (see
             `svdkern.flops`; a zero float input of the model's dtype); without it, the
             comparison is per output element (exact for Linear and channel convs;
@@ -787,36 +705,51 @@ def compress(
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     has_example = not (input_shape is None and example_inputs is None and example_kwargs is None)
     reads: dict[str, str] = {}
+    shapes: dict[str, list[tuple[int, ...]]] = {}
     if has_example:
         first = input_shape
         if policy == "latency" and input_shape is not None:
             first = _shapes(input_shape)[0]
-        args, kwargs = example_call(model, first, example_inputs, example_kwargs)
-        reads = _weight_reads(model, args, kwargs)
-    shapes = (
-        layer_inputs(
-            model, input_shape, example_inputs=example_inputs, example_kwargs=example_kwargs
+        trace = trace_macs(
+            model, first, example_inputs=example_inputs, example_kwargs=example_kwargs
         )
-        if policy == "flops" and has_example
-        else {}
-    )
-    measured = (
-        _latency_forms(model, input_shape, example_inputs, example_kwargs)
+        reads = trace.reasons
+        if policy == "flops":
+            shapes = trace.shapes
+    examples = (
+        _latency_examples(model, input_shape, example_inputs, example_kwargs)
         if policy == "latency"
-        else {}
+        else []
     )
+    measured = _latency_forms(model, examples) if policy == "latency" else {}
+
+    def lowrank_of(name: str, layer: SVDLayer) -> bool:
+        if name in reads or layer.__dict__.get(_READ_MARK):
+            return False
+        if policy == "latency":
+            return measured.get(name, False)
+        if policy == "flops":
+            return lowrank_is_cheaper(layer, shapes.get(name))
+        return policy == "lowrank"
+
+    deployed = _deployed(model, lowrank_of)
+    if policy == "latency" and any(measured.values()):
+        # The model-level check behind "never slower than dense": time the whole deployed
+        # model against the all-dense one at every example, and keep the faster.
+        dense = _deployed(model, lambda name, layer: False)
+        if _slower_than_dense(deployed, dense, examples):
+            return dense
+    return deployed
+
+
+def _deployed(model: nn.Module, lowrank_of: Callable[[str, SVDLayer], bool]) -> nn.Module:
+    """A deep copy of `model` with every SVD layer replaced by its low-rank pair (where
+    `lowrank_of(name, layer)`) or its dense layer; see `compress`."""
     new = copy.deepcopy(model)
     plain: dict[int, nn.Module] = {}
     dense_names: set[str] = set()
     for (name, layer), (_, twin) in zip(svd_layers(model), svd_layers(new), strict=True):
-        if name in reads or layer.__dict__.get(_READ_MARK):
-            lowrank = False
-        elif policy == "latency":
-            lowrank = measured.get(name, False)
-        elif policy == "flops":
-            lowrank = lowrank_is_cheaper(layer, shapes.get(name))
-        else:
-            lowrank = policy == "lowrank"
+        lowrank = lowrank_of(name, layer)
         if not lowrank:
             dense_names.add(name)
         plain[id(twin)] = _plain_like(twin, twin.to_lowrank() if lowrank else twin.to_dense())
@@ -839,6 +772,80 @@ def compress(
     return new
 
 
+def _rank_problems(model: nn.Module, state_dict: Mapping) -> tuple[list[str], dict]:
+    """(what does not fit, {SVD layer: checkpoint rank}) for the SVD layers whose U, s, V
+    are all in `state_dict`; nothing is changed."""
+    problems: list[str] = []
+    resize: dict[SVDLayer, int] = {}
+    for name, layer in svd_layers(model):
+        prefix = f"{name}." if name else ""
+        U, s, V = (state_dict.get(prefix + key) for key in ("U", "s", "V"))
+        factors = {key: t for key, t in zip("UsV", (U, s, V), strict=True) if t is not None}
+        if 0 < len(factors) < 3:
+            absent = [prefix + key for key in "UsV" if key not in factors]
+            problems.append(
+                f"SVD layer {name!r}: the checkpoint has {[prefix + k for k in factors]} but "
+                f"not {absent} (U, s and V go together)"
+            )
+            continue
+        if not factors:
+            continue  # reported with the other missing keys
+        if not all(isinstance(t, torch.Tensor) for t in factors.values()):
+            problems.append(f"SVD layer {name!r}: the checkpoint's U, s, V must be tensors")
+            continue
+        if s.dim() != 1 or U.dim() != 2 or V.dim() != 2 or not U.shape[1] == V.shape[1] == len(s):
+            problems.append(
+                f"checkpoint entries of SVD layer {name!r} disagree: U {list(U.shape)}, "
+                f"s {list(s.shape)}, V {list(V.shape)} (expected U (m, r), s (r,), V (n, r))"
+            )
+            continue
+        bad = [
+            f"checkpoint {prefix}{key} has shape {list(t.shape)} but SVD layer {name!r} "
+            f"({layer.extra_repr()}) expects ({size}, r): the checkpoint is of a different "
+            "layer shape or decomposition"
+            for key, t, size in (("U", U, layer._m), ("V", V, layer._n))
+            if t.shape[0] != size
+        ]
+        if len(s) > layer.full_rank:
+            bad.append(
+                f"checkpoint {prefix}s has rank {len(s)} but SVD layer {name!r} has full "
+                f"rank {layer.full_rank}"
+            )
+        problems.extend(bad)
+        if not bad and len(s) != layer.rank:
+            resize[layer] = len(s)
+    return problems, resize
+
+
+def _trial_load(model: nn.Module, state_dict: Mapping, resize: dict) -> tuple[list, list, list]:
+    """(missing keys, unexpected keys, other errors) of loading `state_dict` after resizing
+    the layers in `resize`, found by a load that assigns the checkpoint's tensors (copying
+    nothing) and is then undone: every module's parameters, buffers and form cache are put
+    back as they were."""
+    saved = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+    forms = {layer: dict(layer._forms) for layer in resize}
+    try:
+        for layer, rank in resize.items():
+            layer._resize_(rank)
+        try:
+            result = model.load_state_dict(state_dict, strict=False, assign=True)
+        except RuntimeError as err:
+            # torch lists its errors one per tab-indented line after a header line.
+            lines = [line.strip().rstrip(".") for line in str(err).splitlines()[1:]]
+            lines = [line for line in lines if line]
+            return [], [], lines or [str(err)]
+        return list(result.missing_keys), list(result.unexpected_keys), []
+    finally:
+        for m, params, buffers in saved:
+            m._parameters.clear()
+            m._parameters.update(params)
+            m._buffers.clear()
+            m._buffers.update(buffers)
+        for layer, cache in forms.items():
+            layer._forms.clear()
+            layer._forms.update(cache)
+
+
 def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
     """Load a (possibly pruned) checkpoint, resizing SVD layers to the checkpoint's ranks.
 
@@ -846,45 +853,42 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], st
     U, s and V are replaced by new Parameters of the checkpoint's rank, then
     `model.load_state_dict(state_dict, strict)` loads the values. Rebuild optimizers after.
 
+    All or nothing: the whole checkpoint is checked first (factor shapes and ranks, every
+    key's shape, and with strict=True missing and unexpected keys), and when anything does
+    not fit, the model is left exactly as it was (no layer resized, no tensor loaded).
+
     Returns:
         the result of `model.load_state_dict` (missing and unexpected keys).
     Raises:
-        ValueError naming the layer when the checkpoint's U or V do not fit its in/out size
-        (a different architecture), or its U, s, V ranks disagree.
+        ValueError naming every key or SVD layer that does not fit: U or V of another
+        in/out size (a different architecture or decomposition), U, s, V ranks that
+        disagree or exceed the layer's full rank, shape mismatches, and with strict=True
+        missing or unexpected keys.
 
     Example::
 
         model = svdkern.decompose(make_model())
         svdkern.load_state_dict(model, torch.load("pruned.pt"))
     """
-    for name, layer in svd_layers(model):
-        prefix = f"{name}." if name else ""
-        U, s, V = (state_dict.get(prefix + key) for key in ("U", "s", "V"))
-        if s is None or U is None or V is None:
-            continue
-        expected = {"U": (layer._m, "r"), "V": (layer._n, "r")}
-        if (
-            s.dim() != 1
-            or U.dim() != 2
-            or V.dim() != 2
-            or not (U.shape[1] == V.shape[1] == s.shape[0])
-        ):
-            raise ValueError(
-                f"checkpoint entries of SVD layer {name!r} disagree: U {list(U.shape)}, "
-                f"s {list(s.shape)}, V {list(V.shape)} (expected U (m, r), s (r,), V (n, r))"
-            )
-        for key, tensor in (("U", U), ("V", V)):
-            if tensor.shape[0] != expected[key][0]:
-                raise ValueError(
-                    f"checkpoint {prefix}{key} has shape {list(tensor.shape)} but SVD layer "
-                    f"{name!r} ({layer.extra_repr()}) expects ({expected[key][0]}, r): the "
-                    "checkpoint is of a different layer shape or decomposition"
-                )
-        if s.shape[0] > layer.full_rank:
-            raise ValueError(
-                f"checkpoint {prefix}s has rank {s.shape[0]} but SVD layer {name!r} has full "
-                f"rank {layer.full_rank}"
-            )
-        if s.shape[0] != layer.rank:
-            layer._resize_(s.shape[0])
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            f"state_dict must be a mapping of key to tensor, got {type(state_dict).__name__}"
+        )
+    problems, resize = _rank_problems(model, state_dict)
+    if not problems:
+        missing, unexpected, errors = _trial_load(model, state_dict, resize)
+        problems = errors
+        if strict and missing:
+            problems.append(f"missing keys {missing}")
+        if strict and unexpected:
+            problems.append(f"unexpected keys {unexpected}")
+    if problems:
+        fix = " (or strict=False to skip missing and unexpected keys)" if strict else ""
+        raise ValueError(
+            f"svdkern.load_state_dict: the checkpoint does not fit {type(model).__name__}, "
+            f"nothing was loaded: {'; '.join(problems)}; load a checkpoint of this "
+            f"architecture and decomposition{fix}"
+        )
+    for layer, rank in resize.items():
+        layer._resize_(rank)
     return model.load_state_dict(state_dict, strict=strict)

@@ -19,9 +19,11 @@ aims at):
   The compose path of `forward` (used in training when it is cheaper) is not counted:
   the numbers describe inference of the deployed model.
 - A layer whose weight its parent reads instead of calling it (`F.linear(x,
-  self.qkv.weight)`, see `svdkern.layers.weight_reads`) costs the MACs of the ops its
-  weight flows into, measured, in all three forms: its parent multiplies by the full
-  weight whatever the rank, and `compress` keeps it dense.
+  self.qkv.weight)`, or nn.TransformerEncoderLayer's fast path reading its children's
+  weights; see `svdkern.layers.weight_reads`, the one list `decompose`, `compress` and
+  `prune` use too) costs its dense MACs in all three forms: those of the ops its weight
+  flows into, measured, plus those of its own calls in the counted forward. Its parent
+  multiplies by the full weight whatever the rank, and `compress` keeps it dense.
 - Counts are for the whole example input, batch included (pass batch 1 for per-sample).
 - FLOPs = 2·MACs.
 

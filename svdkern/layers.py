@@ -1,5 +1,5 @@
-"""Layer utilities shared by `flops`, `prune`, `compress` and `tune_forms`: which layers
-are counted, the example forward they are measured on, the input shapes they see, the
+"""Layer utilities shared by `flops`, `prune`, `compress`, `decompose` and `tune_forms`:
+which layers are counted, the example forward they are measured on, the input shapes they see, the
 layers whose weight is read by their parent, and their MAC costs.
 
 Costs follow the convention of `svdkern.flops` (module docstring there): Linear and
@@ -10,7 +10,11 @@ an SVD layer its dense form or its low-rank chain (`SVDLayer._macs`).
 `trace_macs` runs the example forward once under torch.utils.flop_counter.FlopCounterMode
 and attributes each op it counts: to the counted layer whose weight it uses (or, when that
 layer's own forward is not running, to a weight read), to attention (a matmul of two
-activations), or to other ops.
+activations), or to other ops. Before it, one hook-free forward (the model as it runs for
+real: some parents, like nn.TransformerEncoderLayer, take a fast path that reads their
+children's weights only when no module has a hook) watches the layers' weight attributes.
+The layers read through .weight that the two forwards find are one list,
+`weight_reads`, which `flops`, `prune`, `compress` and `decompose` all use.
 
 Example::
 
@@ -24,6 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -33,7 +39,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, shape_wrapper
 
-from svdkern.nn import SVDConv2d, SVDLayer, SVDLinear, is_conv1d_like, svd_layers
+import svdkern.nn
+from svdkern.nn import (
+    SVDConv2d,
+    SVDLayer,
+    SVDLinear,
+    SVDMultiheadAttention,
+    is_conv1d_like,
+    svd_layers,
+)
 
 __all__ = [
     "COUNTED",
@@ -240,12 +254,16 @@ class _Recorder:
         self.shapes: dict[str, list[tuple[int, ...]]] = {name: [] for name, _ in self.layers}
         self.stack: list[str] = []
         self.handles = []
-        # out_proj of an nn.MultiheadAttention → that attention, which reads its weight.
-        self.owner = {
-            f"{name}.out_proj" if name else "out_proj": name
-            for name, m in self.layers
-            if isinstance(m, nn.MultiheadAttention)
-        }
+        # A projection of an attention module (nn.MultiheadAttention's out_proj, an
+        # SVDMultiheadAttention's q/k/v/in/out projections) → that attention, which may
+        # use the projection's weight without calling it.
+        self.owner: dict[str, str] = {}
+        for name, m in model.named_modules():
+            if isinstance(m, _ATTENTION):
+                prefix = f"{name}." if name else ""
+                for sub, _ in m.named_modules():
+                    if sub:
+                        self.owner.setdefault(prefix + sub, name)
         names = dict(self.layers)
         for name, module in model.named_modules():
             self.handles.append(
@@ -290,70 +308,114 @@ class _Recorder:
             h.remove()
 
 
-_SPIES: dict[type, type] = {}
+# Attributes whose reads mark a layer as read through its weight: an nn.MultiheadAttention
+# exposes its in-projection as raw parameters, every other layer as weight and bias.
+_MHA_WEIGHTS = ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+_ATTENTION = (nn.MultiheadAttention, SVDMultiheadAttention)
+_SVDKERN_NN = os.path.dirname(svdkern.nn.__file__)
 
 
-def _spy_class(cls: type) -> type:
-    """A subclass of `cls` (same name) whose reads of `.weight` / `.bias` call
-    `self._svdkern_on_read(attr)`: parameters are reached through nn.Module.__getattr__,
-    an SVD layer's weight through its property."""
-    spy = _SPIES.get(cls)
-    if spy is not None:
-        return spy
+def _caller(depth: int) -> str:
+    """Where the read at stack depth `depth` comes from, skipping svdkern's own layers (an
+    SVDMultiheadAttention composing its in_proj_weight for the module that asked)."""
+    frame = sys._getframe(depth + 1)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_SVDKERN_NN):
+        frame = frame.f_back
+    code = frame.f_code
+    owner = frame.f_locals.get("self")
+    where = f"{type(owner).__name__}.{code.co_name}" if owner is not None else code.co_name
+    return f"{where} ({os.path.basename(code.co_filename)}:{frame.f_lineno})"
 
-    def __getattr__(self, attr):
-        if attr in ("weight", "bias"):
-            self.__dict__["_svdkern_on_read"](attr)
-        return cls.__getattr__(self, attr)
 
-    namespace = {"__getattr__": __getattr__, "__module__": cls.__module__}
-    for attr in ("weight", "bias"):
-        prop = getattr(cls, attr, None)
+def _spy_class(cls: type, names: tuple[str, ...], note) -> type:
+    """A subclass of `cls` (same name) that calls `note(self, attr)` on every read of the
+    attributes `names` (parameters reached through nn.Module.__getattr__, an SVD layer's
+    weight through its property) and counts in `self.__dict__["_svdkern_active"]` how many
+    of its forwards are running. It registers no hooks: some parents take another path
+    when a child has hooks (nn.TransformerEncoderLayer's fast path reads its children's
+    weights only when no module has a hook)."""
+
+    def __getattr__(self, name):
+        if name in names:
+            note(self, name)
+        return cls.__getattr__(self, name)
+
+    def forward(self, *args, **kwargs):
+        self.__dict__["_svdkern_active"] = self.__dict__.get("_svdkern_active", 0) + 1
+        try:
+            return cls.forward(self, *args, **kwargs)
+        finally:
+            self.__dict__["_svdkern_active"] -= 1
+
+    namespace = {"__getattr__": __getattr__, "forward": forward, "__module__": cls.__module__}
+    for name in names:
+        prop = getattr(cls, name, None)
         if isinstance(prop, property):
 
-            def read(self, prop=prop, attr=attr):
-                self.__dict__["_svdkern_on_read"](attr)
+            def read(self, prop=prop, name=name):
+                note(self, name)
                 return prop.fget(self)
 
-            namespace[attr] = property(read)
-    spy = _SPIES[cls] = type(cls.__name__, (cls,), namespace)
-    return spy
+            namespace[name] = property(read)
+    return type(cls.__name__, (cls,), namespace)
 
 
-@contextlib.contextmanager
-def _attribute_reads(recorder: _Recorder, reasons: dict[str, str]) -> Iterator[None]:
-    """Records in `reasons` the counted layers (not MultiheadAttention) whose .weight or
-    .bias attribute is read while a forward runs but not their own (e.g. a cast to
-    `self.fc.weight.dtype`): compress keeps such layers dense, as it does those whose
-    weight an op uses. The layers' classes are swapped for spies for the duration."""
-    swapped = []
+def _attribute_reads(
+    model: nn.Module, args: tuple, kwargs: dict, input_shape=None
+) -> dict[str, str]:
+    """{name: reason} of the counted layers whose weight attributes (weight, bias; an
+    nn.MultiheadAttention's in_proj_weight, q_proj_weight, ...) are read during one eval,
+    no-grad forward, hook-free and with the MultiheadAttention fast path as the user has
+    it, while neither their own forward nor their attention module's (for its
+    projections) is running: `F.linear(x, self.qkv.weight)`, `x.to(self.fc.weight.dtype)`,
+    or nn.TransformerEncoderLayer's fast path. The layers' classes are swapped for spies
+    (`_spy_class`) for the duration; a class that cannot be swapped is not watched."""
+    guards: dict[int, nn.Module] = {}
+    watched: list[tuple[str, nn.Module, tuple[str, ...]]] = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            watched.append((name, m, _MHA_WEIGHTS))
+        elif isinstance(m, SVDMultiheadAttention):
+            watched.append((name, m, ()))  # watched for its running forward only
+        elif isinstance(m, COUNTED):
+            watched.append((name, m, ("weight", "bias")))
+        if isinstance(m, _ATTENTION):
+            guards.update({id(c): m for c in m.modules() if c is not m})
+    found: dict[int, str] = {}
 
-    def on_read(name: str):
-        def note(attr: str) -> None:
-            stack = recorder.stack
-            if stack and not recorder.active(name) and name not in reasons:
-                where = f"the forward of {stack[-1]!r}" if stack[-1] else "the model's forward"
-                reasons[name] = f"its .{attr} is read in {where} while its own forward does not run"
+    def note(module: nn.Module, attr: str) -> None:
+        guard = guards.get(id(module))
+        running = module.__dict__.get("_svdkern_active") or (
+            guard is not None and guard.__dict__.get("_svdkern_active")
+        )
+        if not running and id(module) not in found:
+            found[id(module)] = (
+                f"its .{attr} is read by {_caller(2)} while its own forward does not run"
+            )
 
-        return note
-
+    classes: dict[tuple[type, tuple[str, ...]], type] = {}
+    swapped: list[tuple[nn.Module, type]] = []
+    flags = {m: m.training for m in model.modules()}
     try:
-        for name, module in recorder.layers:
-            if isinstance(module, nn.MultiheadAttention):
-                continue
-            cls = type(module)
-            module.__dict__["_svdkern_on_read"] = on_read(name)
+        for _, m, names in watched:
+            cls = type(m)
+            if (cls, names) not in classes:
+                classes[cls, names] = _spy_class(cls, names, note)
             try:
-                module.__class__ = _spy_class(cls)
+                m.__class__ = classes[cls, names]
             except TypeError:  # a class that cannot be swapped (e.g. with __slots__)
-                module.__dict__.pop("_svdkern_on_read")
                 continue
-            swapped.append((module, cls))
-        yield
+            swapped.append((m, cls))
+        model.eval()
+        with torch.no_grad():
+            _run(model, args, kwargs, input_shape)
     finally:
-        for module, cls in swapped:
-            module.__class__ = cls
-            module.__dict__.pop("_svdkern_on_read", None)
+        for m, cls in swapped:
+            m.__class__ = cls
+            m.__dict__.pop("_svdkern_active", None)
+        for m, flag in flags.items():
+            m.training = flag
+    return {name: found[id(m)] for name, m, names in watched if names and id(m) in found}
 
 
 def _one_row_shapes(layers: list[tuple[str, nn.Module]]) -> dict[str, list[tuple[int, ...]]]:
@@ -420,10 +482,13 @@ def _lowrank_linear_flop(x_shape, U_shape, s_shape, V_shape, *args, out_shape=No
 
 
 def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kw) -> int:
-    """FLOPs of the CPU fused attention: 2·(QKᵀ + AV), as torch counts the CUDA kernels."""
-    return flop_registry[torch.ops.aten._scaled_dot_product_flash_attention](
-        query_shape, key_shape, value_shape
-    )
+    """FLOPs of the CPU fused attention, QKᵀ and AV over the query heads:
+    2·b·h_q·s_q·s_k·(d_q + d_v) for q (b, h_q, s_q, d_q), k (b, h_kv, s_k, d_q),
+    v (b, h_kv, s_k, d_v). With grouped-query attention (h_kv < h_q, as in Llama) each
+    key/value head serves h_q / h_kv query heads, so the count is over h_q (some torch
+    versions' own formula asserts h_kv == h_q)."""
+    rows = math.prod(query_shape[:-1])  # b·h_q·s_q
+    return 2 * rows * key_shape[-2] * (query_shape[-1] + value_shape[-1])
 
 
 def _flop_formulas() -> dict:
@@ -513,6 +578,7 @@ class _Tracer(TorchDispatchMode):
                 if _ptr(tensor) is not None:
                     self.tags[_ptr(tensor)] = name
         self.trace = MacTrace(0)
+        self.ops: dict[str, str] = {}  # layer → the first op using its weight outside it
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -544,10 +610,12 @@ class _Tracer(TorchDispatchMode):
                 trace.weight_reads[name] = trace.weight_reads.get(name, 0) + macs
                 parent = self.recorder.stack[-1] if self.recorder.stack else ""
                 where = f"the forward of {parent!r}" if parent else "the model's forward"
-                trace.reasons.setdefault(
-                    name,
-                    f"its weight is used by {packet} in {where} while its own forward does not run",
-                )
+                if name not in trace.reasons:
+                    self.ops[name] = str(packet)
+                    trace.reasons[name] = (
+                        f"its weight is used by {packet} in {where} while its own forward "
+                        "does not run"
+                    )
         elif packet in _ATTENTION_OPS and not any(_ptr(t) in self.constants for t in tensors):
             trace.attention += macs
         elif macs:
@@ -597,32 +665,34 @@ def trace_macs(
     MACs and where they go (`MacTrace`). With chain=True every SVD layer runs its low-rank
     chain, the form whose MACs `flops` reports as svd_macs.
 
+    A first, hook-free forward (the model as it runs for real, fast paths included) finds
+    the layers whose weight attributes are read outside their forward; `reasons` holds
+    them with the layers whose weight the traced forward's ops use outside it: this is
+    the one list of layers read through .weight that `flops`, `prune`, `compress` and
+    `decompose` all use (`weight_reads`).
+
     Example::
 
         trace = trace_macs(model, example_inputs=(ids,))
         trace.total, trace.layers, trace.weight_reads, trace.attention, trace.other
     """
     args, kwargs = example_call(model, input_shape, example_inputs, example_kwargs)
+    attributes = _attribute_reads(model, args, kwargs, input_shape)
     recorder = _Recorder(model)
     registry = {**flop_registry, **{op: shape_wrapper(f) for op, f in FLOP_FORMULAS.items()}}
     tracer = _Tracer(model, recorder, registry)
     counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
     forms = _chain_forms(model) if chain else contextlib.nullcontext()
-    attributes: dict[str, str] = {}
     try:
-        with (
-            _example_forward(model),
-            forms,
-            _attribute_reads(recorder, attributes),
-            tracer,
-            counter,
-        ):
+        with _example_forward(model), forms, tracer, counter:
             _run(model, args, kwargs, input_shape)
     finally:
         recorder.remove()
     trace = tracer.trace
+    # The attribute read names the code that reads the weight; the op, what uses it.
     for name, reason in attributes.items():
-        trace.reasons.setdefault(name, reason)
+        op = tracer.ops.get(name)
+        trace.reasons[name] = f"{reason} (its weight is used by {op})" if op else reason
     trace.total = counter.get_total_flops() // 2
     trace.shapes = recorder.shapes
     return trace
@@ -630,12 +700,14 @@ def trace_macs(
 
 def weight_reads(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, str]:
     """{qualified name: reason} of the counted layers (dense or SVD) whose weight was used
-    during one eval, no-grad forward `model(*args, **kwargs)` while their own forward was
+    during an eval, no-grad forward `model(*args, **kwargs)` while their own forward was
     not running: the pattern `F.linear(x, self.qkv.weight, self.qkv.bias)` (torchvision's
-    Swin), found by the ops its weight flows into, or any read of its .weight / .bias
-    attribute (e.g. `x.to(self.fc.weight.dtype)`). Such a layer must keep a `.weight`, and
-    costs its dense MACs whatever its rank.
-    An nn.MultiheadAttention reading its own out_proj.weight is not such a read.
+    Swin), found by the ops its weight flows into, or any read of its weight attributes
+    (`x.to(self.fc.weight.dtype)`; nn.TransformerEncoderLayer's fast path reading its
+    children's weights and its attention's in_proj_weight). Such a layer must keep a
+    `.weight` (`compress` keeps it dense, `decompose` lists it), and costs its dense MACs
+    whatever its rank (`flops`, `prune`): all four use this list (`trace_macs().reasons`).
+    An attention module using its own projections' weights is not such a read.
 
     Example::
 

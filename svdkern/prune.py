@@ -316,6 +316,8 @@ def prune(
     cums = {name: _sorted_energy(layer.s) for name, layer in layers}
     caps = {name: layer.rank for name, layer in layers}
     given = None if ranks is None else _check_ranks(ranks, caps)
+    # The energy rule ranks every layer by its s; given ranks only read the layers they cut.
+    _check_finite([(n, lay) for n, lay in layers if given is None or given[n] < caps[n]])
     floor = min_rank or 1
 
     def ranks_at(eps: float) -> dict[str, int]:
@@ -337,7 +339,7 @@ def prune(
         cum = cums[name]
         k = kept_ranks[name]
         total = float(cum[-1])
-        kept = float(cum[k - 1]) / total if total > 0 else 1.0
+        kept = float(cum[k - 1]) / total if total > 0 and k < layer.rank else 1.0
         before = after = None
         if costs is not None:
             before, after = costs.layer(name, caps[name]), costs.layer(name, k)
@@ -355,6 +357,25 @@ def prune(
         if k < layer.rank and not dry_run:
             layer.prune_(k, optimizer=optimizer)
     return report
+
+
+def _check_finite(layers: list[tuple[str, SVDLayer]]) -> None:
+    """Raise naming the layers whose singular values are NaN or ±inf: no rank can be chosen
+    from them (every energy comparison with NaN is false) and the kept triplets would be
+    arbitrary."""
+    bad = []
+    for name, layer in layers:
+        s = layer.s.detach()
+        nan, inf = int(s.isnan().sum()), int(s.isinf().sum())
+        if nan or inf:
+            bad.append(f"{name!r} ({nan} NaN, {inf} inf of {s.numel()})")
+    if bad:
+        raise ValueError(
+            f"prune: the singular values s of SVD layer(s) {', '.join(bad)} are not finite, so "
+            "no rank can be chosen from them; check the training loss for NaN/inf (lower the "
+            "learning rate, clip gradients, check the inputs) or reload a checkpoint saved "
+            "before it diverged"
+        )
 
 
 def _costs(model, input_shape, example_inputs, example_kwargs, target_flops) -> _Costs | None:

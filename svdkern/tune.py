@@ -143,13 +143,11 @@ def clear_tune_cache() -> None:
 def _as_args(example_inputs) -> tuple:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and all(
-        isinstance(x, torch.Tensor) for x in example_inputs
-    ):
+    if isinstance(example_inputs, (tuple, list)):
         return tuple(example_inputs)
     raise TypeError(
-        "example_inputs must be a tensor or a tuple of tensors (the model is called as "
-        f"model(*example_inputs)), got {type(example_inputs).__name__}"
+        "example_inputs must be a tensor or a tuple of the model's positional arguments "
+        f"(it is called as model(*example_inputs)), got {type(example_inputs).__name__}"
     )
 
 
@@ -163,7 +161,7 @@ def _channels_last(x: torch.Tensor) -> bool:
 
 
 def _record_inputs(
-    model: nn.Module, args: tuple, training: bool
+    model: nn.Module, args: tuple, kwargs: dict, training: bool
 ) -> list[tuple[str, SVDLayer, tuple[int, ...], torch.dtype, bool, bool]]:
     """(name, layer, input shape, input dtype, input requires grad, input channels-last) of
     every distinct call of every SVD layer in one forward of `args`. The forward runs in
@@ -185,7 +183,14 @@ def _record_inputs(
     try:
         model.eval()
         with torch.set_grad_enabled(training):
-            model(*args)
+            try:
+                model(*args, **kwargs)
+            except Exception as exc:
+                raise ValueError(
+                    "example_inputs: the model's forward failed on them "
+                    f"({type(exc).__name__}: {exc}); pass the arguments the model is called "
+                    "with, as a tensor or a tuple (plus example_kwargs)"
+                ) from exc
     finally:
         for h in handles:
             h.remove()
@@ -336,15 +341,15 @@ def memory_format_of(model: nn.Module) -> str:
     return "channels_last" if any(h is _to_channels_last for h in hooks) else "contiguous"
 
 
-def _model_step(model: nn.Module, args: tuple, training: bool) -> Callable[[], None]:
+def _model_step(model: nn.Module, args: tuple, kwargs: dict, training: bool) -> Callable[[], None]:
     """One forward (+ backward of the outputs' sum when training) of `model` on `args`."""
 
     def step() -> None:
         if not training:
             with torch.no_grad():
-                model(*args)
+                model(*args, **kwargs)
             return
-        out = model(*args)
+        out = model(*args, **kwargs)
         outs = out if isinstance(out, (tuple, list)) else (out,)
         loss = sum(o.float().sum() for o in outs if isinstance(o, torch.Tensor))
         model.zero_grad(set_to_none=True)
@@ -355,15 +360,16 @@ def _model_step(model: nn.Module, args: tuple, training: bool) -> Callable[[], N
 
 
 def _tune_memory_format(
-    model: nn.Module, args: tuple, training: bool, repeats: int, use_cache: bool
+    model: nn.Module, args: tuple, kwargs: dict, training: bool, repeats: int, use_cache: bool
 ) -> dict[str, float]:
     """{format: median ms of a model step} with each format and its own tuned forms, timed
     on copies of `model` (its weights, statistics and gradients stay untouched)."""
     steps = {}
     for fmt in MEMORY_FORMATS:
         twin = set_memory_format(copy.deepcopy(model), fmt)
-        _tune_layers(twin, args, training, repeats, use_cache, TuneReport(training, 0.0))
-        steps[fmt] = _model_step(twin, args, training)
+        report = TuneReport(training, 0.0)
+        _tune_layers(twin, args, kwargs, training, repeats, use_cache, report)
+        steps[fmt] = _model_step(twin, args, kwargs, training)
     device = next(model.parameters()).device
     return _time_interleaved(steps, repeats, device)
 
@@ -371,6 +377,7 @@ def _tune_memory_format(
 def _tune_layers(
     model: nn.Module,
     args: tuple,
+    kwargs: dict,
     training: bool,
     repeats: int,
     use_cache: bool,
@@ -378,7 +385,7 @@ def _tune_layers(
 ) -> None:
     """Time (or take from the cache) every SVD layer's forms at the inputs `args` give it;
     fix the training choice in the layer; append a LayerForm per call to `report`."""
-    calls = _record_inputs(model, args, training)
+    calls = _record_inputs(model, args, kwargs, training)
     for name, layer, shape, dtype, input_grad, channels_last in calls:
         device = layer.U.device
         key = (
@@ -451,6 +458,7 @@ def tune_forms(
     repeats: int = 5,
     use_cache: bool = True,
     memory_format: str | None = None,
+    example_kwargs: dict | None = None,
 ) -> TuneReport:
     """Time every SVD layer's forms on the model's device and fix the fastest in each layer.
 
@@ -468,6 +476,8 @@ def tune_forms(
         repeats: interleaved timing rounds per candidate (median of them decides), ≥ 1.
         use_cache: reuse earlier measurements of the same layer geometry, rank, input,
             device, dtype and thread count.
+        example_kwargs: keyword arguments of that forward (`model(*example_inputs,
+            **example_kwargs)`).
         memory_format: None leaves the model's layout alone; "contiguous" or
             "channels_last" sets it (`set_memory_format`); "auto" (image inputs only)
             tunes the layers under both layouts on copies of the model, times a whole
@@ -488,6 +498,12 @@ def tune_forms(
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
     args = _as_args(example_inputs)
+    if example_kwargs is not None and not isinstance(example_kwargs, dict):
+        raise TypeError(
+            f"example_kwargs must be a dict of keyword arguments, got "
+            f"{type(example_kwargs).__name__}"
+        )
+    kwargs = dict(example_kwargs or {})
     if not svd_layers(model):
         raise ValueError(
             "model has no SVD layers to tune; decompose it first (svdkern.decompose(model))"
@@ -501,7 +517,9 @@ def tune_forms(
     report = TuneReport(bool(training), 0.0)
     images = any(isinstance(a, torch.Tensor) and a.dim() == 4 for a in args)
     if memory_format == "auto" and images:
-        report.memory_format_ms = _tune_memory_format(model, args, training, repeats, use_cache)
+        report.memory_format_ms = _tune_memory_format(
+            model, args, kwargs, training, repeats, use_cache
+        )
         times = report.memory_format_ms
         # NHWC must win clearly: a layout change by timing noise would be churn.
         faster = times["channels_last"] < (1 - _DEPLOY_MARGIN) * times["contiguous"]
@@ -509,6 +527,6 @@ def tune_forms(
     if memory_format in MEMORY_FORMATS:
         set_memory_format(model, memory_format)
     report.memory_format = memory_format_of(model)
-    _tune_layers(model, args, training, repeats, use_cache, report)
+    _tune_layers(model, args, kwargs, training, repeats, use_cache, report)
     report.seconds = time.perf_counter() - start
     return report

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 import warnings
 
 import pytest
@@ -167,6 +168,19 @@ def _fake_measure(lowrank_faster: dict[tuple[int, int], bool]):
     return measure
 
 
+def _fake_model_times(deployed_ms: list[float]):
+    """A stand-in for the whole-model check: the deployed model takes `deployed_ms` at the
+    examples, the all-dense one 1 ms at each; records the examples it was given."""
+    seen = []
+
+    def time_models(models, examples, repeats=5):
+        seen.append([tuple(args[0].shape) for args, _ in examples])
+        return {"deployed": list(deployed_ms), "dense": [1.0] * len(deployed_ms)}
+
+    time_models.seen = seen
+    return time_models
+
+
 def test_compress_latency_policy_deploys_the_pair_only_where_it_is_faster_at_every_batch(
     monkeypatch,
 ):
@@ -174,11 +188,41 @@ def test_compress_latency_policy_deploys_the_pair_only_where_it_is_faster_at_eve
     model = nn.Sequential(SVDLinear(16, 16, rank=2), SVDLinear(16, 16, rank=3))
     faster = {(2, 1): True, (2, 8): True, (3, 1): True, (3, 8): False}
     monkeypatch.setattr(svdkern.tune, "_measure", _fake_measure(faster))
+    monkeypatch.setattr(svdkern.tune, "time_models", _fake_model_times([0.9, 0.9]))
     plain = svdkern.compress(model, "latency", [(1, 16), (8, 16)])
     assert isinstance(plain[0], nn.Sequential)  # faster at batch 1 and 8
     assert type(plain[1]) is nn.Linear  # slower at batch 8
+    monkeypatch.setattr(svdkern.tune, "time_models", _fake_model_times([0.9]))
     single = svdkern.compress(model, "latency", (1, 16))
     assert isinstance(single[1], nn.Sequential)
+    svdkern.clear_tune_cache()
+
+
+@pytest.mark.parametrize("deployed_ms", [[0.99, 1.01], [1.2, 0.5]])
+def test_compress_latency_policy_falls_back_to_dense_when_the_whole_model_is_slower(
+    monkeypatch, deployed_ms
+):
+    svdkern.clear_tune_cache()
+    model = nn.Sequential(SVDLinear(16, 16, rank=2), SVDLinear(16, 16, rank=3))
+    monkeypatch.setattr(svdkern.tune, "_measure", _fake_measure({(2, 1): True, (2, 8): True}))
+    timer = _fake_model_times(deployed_ms)
+    monkeypatch.setattr(svdkern.tune, "time_models", timer)
+    plain = svdkern.compress(model, "latency", [(1, 16), (8, 16)])
+    assert timer.seen == [[(1, 16), (8, 16)]]  # timed at every given shape
+    assert all(type(m) is nn.Linear for m in plain)  # slower at one batch: all dense
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(plain(x), model(x))
+    svdkern.clear_tune_cache()
+
+
+def test_compress_latency_policy_skips_the_model_check_when_every_layer_is_dense(monkeypatch):
+    svdkern.clear_tune_cache()
+    model = nn.Sequential(SVDLinear(16, 16, rank=2))
+    monkeypatch.setattr(svdkern.tune, "_measure", _fake_measure({}))
+    timer = _fake_model_times([1.0])
+    monkeypatch.setattr(svdkern.tune, "time_models", timer)
+    plain = svdkern.compress(model, "latency", (1, 16))
+    assert type(plain[0]) is nn.Linear and timer.seen == []
     svdkern.clear_tune_cache()
 
 
@@ -254,3 +298,96 @@ def test_load_state_dict_decomposition_mismatch_names_the_layer():
     other = svdkern.decompose(_resnet(), "channel")
     with pytest.raises(ValueError, match="'conv'"):
         svdkern.load_state_dict(other, state)
+
+
+class _Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(x, x, x, need_weights=False)[0])
+
+
+_LOAD_MODELS = {
+    "SVDLinear": lambda: nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 6)),
+    "SVDConv2d": lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 6, 3)),
+    "SVDConv1d": lambda: nn.Sequential(nn.Conv1d(3, 8, 3), nn.ReLU(), nn.Conv1d(8, 6, 3)),
+    "SVDMultiheadAttention": _Attention,
+}
+
+
+def _last_svd_prefix(model: nn.Module) -> str:
+    return svdkern.nn.svd_layers(model)[-1][0] + "."
+
+
+def _bad_bias(state: dict, model: nn.Module) -> str:
+    key = _last_svd_prefix(model) + "bias"
+    state[key] = torch.zeros(state[key].shape[0] + 1)
+    return key
+
+
+def _missing(state: dict, model: nn.Module) -> str:
+    key = _last_svd_prefix(model) + "s"
+    del state[key]
+    return key
+
+
+def _unexpected(state: dict, model: nn.Module) -> str:
+    state["extra.weight"] = torch.zeros(2)
+    return "extra.weight"
+
+
+def _rank_over_full(state: dict, model: nn.Module) -> str:
+    prefix = _last_svd_prefix(model)
+    layer = svdkern.nn.svd_layers(model)[-1][1]
+    r = layer.full_rank + 1
+    state[prefix + "U"] = torch.zeros(layer._m, r)
+    state[prefix + "s"] = torch.ones(r)
+    state[prefix + "V"] = torch.zeros(layer._n, r)
+    return prefix + "s"
+
+
+@pytest.mark.parametrize("spoil", [_bad_bias, _missing, _unexpected, _rank_over_full])
+@pytest.mark.parametrize("kind", list(_LOAD_MODELS))
+def test_failed_load_state_dict_leaves_the_model_untouched(kind, spoil):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", svdkern.DecomposeWarning)
+        pruned = svdkern.decompose(_LOAD_MODELS[kind]())
+        fresh = svdkern.decompose(_LOAD_MODELS[kind]())
+    svdkern.prune(pruned, ranks={"*": 2})
+    state = dict(pruned.state_dict())
+    key = spoil(state, fresh)
+    before = {k: (id(v), v.detach().clone()) for k, v in fresh.state_dict(keep_vars=True).items()}
+    ranks = [layer.rank for _, layer in svdkern.nn.svd_layers(fresh)]
+    with pytest.raises(ValueError, match="nothing was loaded.*" + re.escape(key)):
+        svdkern.load_state_dict(fresh, state)
+    assert [layer.rank for _, layer in svdkern.nn.svd_layers(fresh)] == ranks
+    after = fresh.state_dict(keep_vars=True)
+    assert list(after) == list(before)
+    for k, (ident, value) in before.items():
+        assert id(after[k]) == ident, k
+        torch.testing.assert_close(after[k].detach(), value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", list(_LOAD_MODELS))
+def test_load_state_dict_non_strict_loads_what_fits(kind):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", svdkern.DecomposeWarning)
+        pruned = svdkern.decompose(_LOAD_MODELS[kind]())
+        fresh = svdkern.decompose(_LOAD_MODELS[kind]())
+    svdkern.prune(pruned, ranks={"*": 2})
+    state = dict(pruned.state_dict())
+    _unexpected(state, fresh)
+    result = svdkern.load_state_dict(fresh, state, strict=False)
+    assert result.unexpected_keys == ["extra.weight"] and not result.missing_keys
+    assert all(layer.rank == 2 for _, layer in svdkern.nn.svd_layers(fresh))
+    for k, v in pruned.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_compress_with_a_wrong_input_shape_names_input_shape():
+    model = nn.Sequential(SVDConv2d(3, 4, 3), nn.Flatten(), SVDLinear(4 * 4 * 4, 2))
+    with pytest.raises(ValueError, match=r"input_shape=\(3, 6, 6\)"):
+        svdkern.compress(model, input_shape=(3, 6, 6))

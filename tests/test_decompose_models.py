@@ -410,6 +410,30 @@ def test_transformer_encoder_fast_path_reads_are_found_and_compress_runs_and_exp
     torch.testing.assert_close(program.module()(x), pruned, rtol=1e-4, atol=1e-5)
 
 
+def test_decompose_flops_prune_and_compress_agree_on_fast_path_reads():
+    # The reads happen only in a hook-free forward (the fast path); flops and prune count
+    # by hooks and dispatch, and must still treat these layers as read through .weight.
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    model = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, 16)
+    _decompose_quietly(model, example_inputs=(x,))
+    svd = {name for name, _ in svdkern.nn.svd_layers(model)}
+    projections = ("q_proj", "k_proj", "v_proj", "out_proj")
+    expected = {f"layers.0.self_attn.{n}" for n in projections}
+    assert svd == expected | {"layers.0.linear1", "layers.0.linear2"}
+    report = svdkern.flops(model, example_inputs=x)
+    assert set(report.weight_reads) == svd
+    assert all("TransformerEncoderLayer.forward" in why for why in report.weight_reads.values())
+    assert all(lay.weight_read and lay.compressed_form == "dense" for lay in report.layers)
+    with pytest.raises(ValueError, match=r"target_flops=0\.5 cannot be reached"):
+        svdkern.prune(model, target_flops=0.5, example_inputs=x)
+    pruned = svdkern.prune(model, energy=0.5, example_inputs=x)
+    assert pruned.macs_after == pruned.macs_before == report.dense_macs
+    plain = svdkern.compress(model, "lowrank", example_inputs=(x,))
+    assert type(plain.layers[0].linear1) is nn.Linear
+    torch.testing.assert_close(plain(x), model(x), rtol=1e-4, atol=1e-5)
+
+
 def test_weight_reads_found_by_decompose_keep_compress_safe_without_an_example():
     x = torch.randn(4, 8)
     blind, seen = SwinStyle(), SwinStyle()

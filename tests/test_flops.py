@@ -16,7 +16,13 @@ from torch.utils.flop_counter import FlopCounterMode
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)
     import svdkern
-from svdkern.layers import FLOP_FORMULAS, example_call, layer_inputs, weight_reads
+from svdkern.layers import (
+    FLOP_FORMULAS,
+    _cpu_sdpa_flop,
+    example_call,
+    layer_inputs,
+    weight_reads,
+)
 from svdkern.nn import SVDLinear
 
 
@@ -394,3 +400,31 @@ def test_layer_whose_weight_attribute_is_read_stays_dense_in_the_counts():
     assert not out.weight_read and out.compressed_form == "lowrank"
     assert report.weight_read_macs == 0  # read for its dtype: no MACs of its own
     assert isinstance(model.fc, SVDLinear) and type(model.fc) is SVDLinear  # class restored
+
+
+@pytest.mark.parametrize(
+    "q, k, v",
+    [((2, 8, 5, 16), (2, 2, 7, 16), (2, 2, 7, 12)), ((1, 4, 3, 8), (1, 1, 3, 8), (1, 1, 3, 8))],
+    ids=["gqa-8q-2kv", "mqa-4q-1kv"],
+)
+def test_cpu_attention_formula_counts_grouped_query_attention_over_the_query_heads(q, k, v):
+    b, h_q, s_q, d_q = q
+    expected = 2 * b * h_q * s_q * k[2] * (d_q + v[3])
+    assert _cpu_sdpa_flop(q, k, v) == expected
+    # equal heads: the same count as torch's formula for the CUDA flash kernel
+    flash = torch.utils.flop_counter.flop_registry[
+        torch.ops.aten._scaled_dot_product_flash_attention
+    ]
+    same = (b, h_q, k[2], d_q)
+    assert _cpu_sdpa_flop(q, same, (b, h_q, k[2], d_q)) == flash(q, same, (b, h_q, k[2], d_q))
+
+
+def test_cpu_attention_formula_matches_the_kernel_it_counts():
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_sdpa is None:
+        pytest.skip("this torch has no CPU flash attention kernel")
+    q, k, v = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 7, 8), torch.randn(2, 4, 7, 8)
+    counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
+    with counter:
+        cpu_sdpa(q, k, v)
+    assert counter.get_total_flops() == 2 * 2 * 4 * 5 * 7 * (8 + 8)

@@ -342,3 +342,39 @@ def test_target_flops_with_a_wrong_input_shape_names_input_shape():
     model = nn.Sequential(SVDConv2d(3, 4, 3), nn.Flatten(), SVDLinear(4 * 4 * 4, 2))
     with pytest.raises(ValueError, match=r"input_shape=\(3, 6, 6\)"):
         svdkern.prune(model, target_flops=0.5, input_shape=(3, 6, 6))
+
+
+def _model_with_bad_s(value: float) -> nn.Module:
+    model = nn.Sequential(
+        SVDLinear(6, 5, dtype=torch.float64), SVDLinear(5, 4, dtype=torch.float64)
+    )
+    with torch.no_grad():
+        model[1].s[2] = value
+    return model
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=str)
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"energy": 0.1},
+        {"energy": 0.0},
+        {"target_flops": 0.5},
+        {"ranks": {"1": 2}},
+        {"ranks": {"*": 1}},
+    ],
+    ids=["energy", "energy-0", "target_flops", "ranks-name", "ranks-glob"],
+)
+def test_non_finite_singular_values_raise_naming_the_layer(value, kwargs):
+    model = _model_with_bad_s(value)
+    ranks = [model[0].rank, model[1].rank]
+    with pytest.raises(ValueError, match=r"SVD layer\(s\) '1' .*not finite.*check the training"):
+        svdkern.prune(model, **kwargs)
+    assert [model[0].rank, model[1].rank] == ranks
+
+
+def test_ranks_that_leave_a_non_finite_layer_uncut_still_prune_the_others():
+    model = _model_with_bad_s(float("nan"))
+    report = svdkern.prune(model, ranks={"0": 2})
+    assert model[0].rank == 2 and model[1].rank == 4
+    assert report.layers[1].energy_kept == 1.0

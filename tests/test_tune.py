@@ -142,7 +142,9 @@ def test_tuned_model_compiles_fullgraph_and_matches_eager():
     "kwargs, error, match",
     [
         pytest.param({"repeats": 0}, ValueError, "repeats", id="repeats-0"),
-        pytest.param({"example_inputs": [1, 2]}, TypeError, "example_inputs", id="inputs"),
+        pytest.param({"example_inputs": "x"}, TypeError, "example_inputs", id="inputs"),
+        pytest.param({"example_inputs": [1, 2]}, ValueError, "example_inputs", id="forward"),
+        pytest.param({"example_kwargs": [1]}, TypeError, "example_kwargs", id="kwargs"),
     ],
 )
 def test_tune_rejects_bad_arguments(kwargs, error, match):
