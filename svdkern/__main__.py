@@ -134,14 +134,16 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `svdkern` console script and `python -m svdkern`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command, rest = (argv[0], argv[1:]) if argv else ("check", [])
-    if command == "train":
-        from svdkern.train.cli import train_main
+    if command in ("train", "compare"):
+        from svdkern.train import cli, config, report
 
-        return train_main(rest)
-    if command == "compare":
-        from svdkern.train.cli import compare_main
-
-        return compare_main(rest)
+        try:
+            return cli.train_main(rest) if command == "train" else cli.compare_main(rest)
+        except (config.ConfigError, report.ReportError) as exc:
+            # Raised only for a file the user gave (a config, a saved run, a report): one
+            # line as argparse writes it; every other exception keeps its traceback.
+            print(f"svdkern {command}: error: {exc}", file=sys.stderr)
+            return 2
     if command == "check":
         return check_main(rest)
     if command in ("-h", "--help"):

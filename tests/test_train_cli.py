@@ -15,7 +15,7 @@ import torch
 
 import svdkern
 from svdkern.__main__ import main
-from svdkern.train import checkpoint
+from svdkern.train import checkpoint, cli, config
 from svdkern.train.cli import _parse, build_train_parser
 from svdkern.train.models import CLASSIFIER, build_model
 
@@ -188,6 +188,18 @@ def test_command_line_flag_overrides_an_exclusive_config_key(tmp_path):
         (["--batch-size", "0"], "argument --batch-size: must be >= 1"),
         (["--device", "tpu:x"], "argument --device"),
         (["--config", "{tmp}/bad.toml"], "argument --config: unknown key 'modle'"),
+        (["--config", "{tmp}"], "argument --config: .* is a directory, not a TOML file"),
+        (["--config", "{tmp}/latin1.toml"], r"argument --config: .*latin1.toml is not UTF-8"),
+        (["--config", "{tmp}/broken.toml"], r"argument --config: .*broken.toml is not valid TOML"),
+        (
+            ["--config", "{tmp}/kind.toml"],
+            "argument --config: .*kind.toml: key 'no_baselines': expected true or false, got 'no'",
+        ),
+        (
+            ["--config", "{tmp}/twice.toml"],
+            "argument --config: keys 'dense-epochs' and 'dense_epochs' in .* set the same flag",
+        ),
+        (["--lr", "-5"], "argument --lr: must be > 0, got -5"),
         (["--seed", "-1"], "argument --seed: must be >= 0"),
         (["--seed", str(2**32)], r"argument --seed: must be < 2\*\*32"),
         (["--milestones", "0.5,0.5"], "argument --milestones: expected increasing"),
@@ -200,6 +212,10 @@ def test_command_line_flag_overrides_an_exclusive_config_key(tmp_path):
 )
 def test_bad_flags_are_answered_by_argparse_naming_the_flag(tmp_path, capsys, argv, message):
     (tmp_path / "bad.toml").write_text('modle = "mlp"\n')
+    (tmp_path / "latin1.toml").write_bytes('model = "mlp" # \xe9t\xe9\n'.encode("latin-1"))
+    (tmp_path / "broken.toml").write_text("lr = \n")
+    (tmp_path / "kind.toml").write_text('no_baselines = "no"\n')
+    (tmp_path / "twice.toml").write_text("dense-epochs = 1\ndense_epochs = 2\n")
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     with pytest.raises(SystemExit) as exc:
         main(["train", "--out", str(tmp_path / "run"), *argv])
@@ -207,6 +223,91 @@ def test_bad_flags_are_answered_by_argparse_naming_the_flag(tmp_path, capsys, ar
     err = capsys.readouterr().err
     assert "usage: svdkern train" in err
     assert re.search(message, err), err
+    assert err.splitlines()[-1].startswith("svdkern train: error: ") and "Traceback" not in err
+    assert "unrecognized arguments" not in err
+
+
+def test_config_file_booleans_set_either_side_of_an_optional_flag(tmp_path):
+    parser = build_train_parser()
+    for text, expected in [("tune-forms = false", False), ("tune_forms = true", True)]:
+        (tmp_path / "run.toml").write_text(text + "\nno-baselines = false\ncompile = true\n")
+        args = _parse(parser, ["--config", str(tmp_path / "run.toml")])
+        assert args.tune_forms is expected and args.no_baselines is False
+        assert args.compile == "inductor"
+    (tmp_path / "run.toml").write_text('compile = "eager"\nno-tune-forms = true\n')
+    args = _parse(parser, ["--config", str(tmp_path / "run.toml")])
+    assert args.compile == "eager" and args.tune_forms is False
+
+
+def _resolved(*argv: str) -> dict:
+    return config.resolve(_parse(build_train_parser(), [*TINY, *argv]))
+
+
+def test_check_saved_accepts_every_resolved_configuration():
+    for argv in ([], ["--target-flops", "0.5", "--compile"], ["--method", "svd-adaptive"]):
+        cfg = _resolved(*argv)
+        assert config.check_saved(cfg, "checkpoint.pt") is cfg
+        from_json = json.loads(json.dumps(cfg))
+        assert config.check_saved(from_json, "config.json") == cfg
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"lr": -5.0}, "runs/a/checkpoint.pt: config key 'lr': must be > 0, got -5.0"),
+        ({"batch_size": 0}, "config key 'batch_size': must be >= 1, got 0"),
+        ({"batch_size": 16.5}, "config key 'batch_size': expected an integer, got 16.5"),
+        ({"orth": True}, "config key 'orth': expected a number, got True"),
+        ({"no_baselines": "no"}, "config key 'no_baselines': expected true or false, got 'no'"),
+        ({"model": "vgg"}, "config key 'model': expected one of 'mlp'"),
+        ({"milestones": [0.75, 0.5]}, "config key 'milestones': expected increasing fractions"),
+        ({"energy": 1.5}, r"config key 'energy': --energy must be in \(0, 1\), got 1.5"),
+        ({"lr": None}, "config key 'lr': expected a number, got None"),
+        ({"compile": True}, "config key 'compile': expected true or a string, got True"),
+        ({"energy": None}, "config keys 'energy' and 'target_flops': exactly one must be set"),
+        ({"modle": "mlp"}, "config key 'modle' is unknown to this version of svdkern"),
+        ({"gamma": "DELETE"}, "config key 'gamma' is missing .*older version"),
+    ],
+    ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
+)
+def test_check_saved_refuses_what_the_command_line_refuses(change, message):
+    cfg = _resolved()
+    for key, value in change.items():
+        if value == "DELETE":
+            del cfg[key]
+        else:
+            cfg[key] = value
+    with pytest.raises(config.ConfigError, match=message) as exc:
+        config.check_saved(cfg, "runs/a/checkpoint.pt")
+    assert str(exc.value).startswith("runs/a/checkpoint.pt: ") and "\n" not in str(exc.value)
+    assert isinstance(exc.value, ValueError)
+
+
+def test_check_saved_refuses_a_configuration_that_is_not_a_table():
+    with pytest.raises(config.ConfigError, match=r"runs/a/checkpoint.pt: .* a list, not a table"):
+        config.check_saved([1, 2], "runs/a/checkpoint.pt")
+
+
+def test_config_error_escaping_a_command_is_one_line_and_exit_2(monkeypatch, capsys):
+    def refuse(argv):
+        raise config.ConfigError("runs/a/checkpoint.pt: config key 'lr': must be > 0, got -5.0")
+
+    monkeypatch.setattr(cli, "train_main", refuse)
+    assert main(["train", "--resume", "runs/a"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == "svdkern train: error: runs/a/checkpoint.pt: config key 'lr': must be > 0, got -5.0\n"
+    )
+
+
+def test_a_bug_escaping_a_command_keeps_its_traceback(monkeypatch):
+    def bug(argv):
+        raise KeyError("not a user error")
+
+    monkeypatch.setattr(cli, "train_main", bug)
+    with pytest.raises(KeyError):
+        main(["train"])
 
 
 def test_existing_run_dir_is_not_overwritten(tmp_path, capsys):
@@ -267,6 +368,54 @@ def test_compare_prints_one_table_and_one_plot(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("dense") >= 2 and "posthoc" in out and str(plot) in out
     assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"models": ', "not valid JSON"),
+        (b"", "not valid JSON"),
+        (b"\xff\xfe{}", "not UTF-8 text"),
+        (b"[1, 2]", 'no "models" table'),
+        (b'{"models": {}}', 'no "models" table'),
+        (b'{"models": {"dense": {"accuracy": 0.9, "params": 10}}}', "model 'dense' lacks"),
+        (
+            b'{"models": {"dense": {"accuracy": "high", "params": 1, "macs": 2}}}',
+            "model 'dense' lacks",
+        ),
+    ],
+    ids=["truncated", "empty", "binary", "list", "no-models", "no-macs", "text-accuracy"],
+)
+def test_compare_on_a_damaged_report_is_one_line_naming_the_file(
+    tmp_path, capsys, content, message
+):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "report.json").write_bytes(content)
+    assert main(["compare", str(run), "--plot", str(tmp_path / "c.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"svdkern compare: error: {run / 'report.json'}: {message}"), err
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_compare_without_a_report_or_with_an_unwritable_plot_names_the_path(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", str(tmp_path / "none")])
+    assert exc.value.code == 2
+    assert f"{tmp_path / 'none'}: no report.json" in capsys.readouterr().err
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "report.json").write_text(
+        '{"models": {"dense": {"accuracy": 0.5, "params": 1, "macs": 2}}}'
+    )
+    plot = tmp_path / "missing-dir" / "c.png"
+    assert main(["compare", str(run), "--plot", str(plot)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith(f"svdkern compare: error: --plot {plot}: cannot write")
+        and err.count("\n") == 1
+    )
 
 
 def test_train_help_documents_every_flag(capsys):

@@ -2,7 +2,10 @@
 
 Every flag is also a key of `--config FILE` (TOML; `-` or `_` in keys). A config
 file is turned into flags placed before the command line's own, so the command
-line wins and both go through the same validation (errors name the flag).
+line wins and both go through the same validation; a value of the wrong kind (a
+string for a switch, a bool for a number) is refused naming the file and the key.
+A saved configuration (a checkpoint's, config.json) is re-checked the same way by
+`check_saved` before a run resumes from it.
 Defaults left as None are filled from the data set (`resolve`): the authors'
 CIFAR recipe (Adam 1e-3, 164 epochs, LR ×0.1 at 50% and 75%, batch 100, λ_o = 1)
 and a scaled-down recipe for the bundled digits that runs in about two minutes.
@@ -64,7 +67,23 @@ _DATA_DEFAULTS: dict[str, dict[str, Any]] = {
 RUNTIME_KEYS = ("resume", "config", "quiet", "stop_after_epochs", "out")
 
 
+class ConfigError(ValueError):
+    """A configuration value (from a TOML file or a saved run) that the command line would
+    refuse; the message names the file and the key."""
+
+
+def _kind(description: str):
+    """Tag a flag's type function with the kind of value it reads, for config files."""
+
+    def tag(parse):
+        parse.kind = description
+        return parse
+
+    return tag
+
+
 def _float_in(name: str, lo: float, hi: float, lo_open: bool = True, hi_open: bool = True):
+    @_kind("a number")
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -73,23 +92,22 @@ def _float_in(name: str, lo: float, hi: float, lo_open: bool = True, hi_open: bo
         below = value <= lo if lo_open else value < lo
         above = value >= hi if hi_open else value > hi
         if math.isnan(value) or below or above:
-            left, right = "(" if lo_open else "[", ")" if hi_open else "]"
-            raise argparse.ArgumentTypeError(
-                f"{name} must be in {left}{lo:g}, {hi:g}{right}, got {text}"
-            )
+            if hi == math.inf:
+                bound = f"must be {'>' if lo_open else '>='} {lo:g}"
+            else:
+                left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+                bound = f"{name} must be in {left}{lo:g}, {hi:g}{right}"
+            raise argparse.ArgumentTypeError(f"{bound}, got {text}")
         return value
 
     return parse
 
 
-def _nonneg_float(text: str) -> float:
-    return _float_in("value", 0.0, math.inf, lo_open=False)(text)
+_nonneg_float = _float_in("value", 0.0, math.inf, lo_open=False)
+_pos_float = _float_in("value", 0.0, math.inf)
 
 
-def _pos_float(text: str) -> float:
-    return _float_in("value", 0.0, math.inf)(text)
-
-
+@_kind("an integer")
 def _nonneg_int(text: str) -> int:
     try:
         value = int(text)
@@ -100,6 +118,7 @@ def _nonneg_int(text: str) -> int:
     return value
 
 
+@_kind("an integer")
 def _seed(text: str) -> int:
     value = _nonneg_int(text)
     if value >= 2**32:
@@ -107,6 +126,7 @@ def _seed(text: str) -> int:
     return value
 
 
+@_kind("an integer")
 def _pos_int(text: str) -> int:
     value = _nonneg_int(text)
     if value == 0:
@@ -114,6 +134,7 @@ def _pos_int(text: str) -> int:
     return value
 
 
+@_kind("a list of numbers")
 def _milestones(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
@@ -369,13 +390,85 @@ def _given(action: argparse.Action, argv: list[str]) -> bool:
     return any(a == opt or a.startswith(opt + "=") for a in argv for opt in action.option_strings)
 
 
+def _expected(action: argparse.Action) -> str:
+    """The kind of value a flag takes, in words."""
+    if action.nargs == 0:
+        return "true or false"
+    if action.choices is not None:
+        return "one of " + ", ".join(repr(c) for c in action.choices)
+    if action.nargs == "?":
+        return "true or a string"
+    return getattr(action.type, "kind", "a string")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _value_text(action: argparse.Action, value: Any) -> str:
+    """The command-line text of a non-boolean config value, checked by the flag's own type
+    and choices; ConfigError naming the expected kind and the problem otherwise."""
+    expected = _expected(action)
+    kind = getattr(action.type, "kind", None)
+    if kind == "a list of numbers" and isinstance(value, list):
+        if not all(_is_number(v) for v in value):
+            raise ConfigError(f"expected {expected}, got {value!r}")
+        text = ",".join(repr(float(v)) for v in value)
+    elif kind in ("a number", "a list of numbers"):
+        if not _is_number(value):
+            raise ConfigError(f"expected {expected}, got {value!r}")
+        text = repr(float(value)) if isinstance(value, float) else str(value)
+    elif kind == "an integer":
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"expected {expected}, got {value!r}")
+        text = str(value)
+    elif not isinstance(value, str):
+        raise ConfigError(f"expected {expected}, got {value!r}")
+    else:
+        text = value
+    if action.choices is not None and text not in action.choices:
+        raise ConfigError(f"expected {expected}, got {value!r}")
+    if action.type is not None:
+        try:
+            action.type(text)
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(str(exc)) from None
+    return text
+
+
+def _file_value_argv(action: argparse.Action, opt: str, value: Any) -> list[str]:
+    """The flags that a TOML key's value stands for (`opt` is the flag the key names)."""
+    if action.nargs == 0 or (action.nargs == "?" and isinstance(value, bool)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"expected {_expected(action)}, got {value!r}")
+        if isinstance(action, argparse.BooleanOptionalAction):
+            positive, negative = action.option_strings[:2]
+            return [positive if value == (opt == positive) else negative]
+        return [opt] if value else []
+    return [f"{opt}={_value_text(action, value)}"]
+
+
+def _file_flags(parser: argparse.ArgumentParser) -> dict[str, tuple[argparse.Action, str]]:
+    """Config-file key (flag name with `_` for `-`) → (action, flag)."""
+    return {
+        opt.lstrip("-").replace("-", "_"): (action, opt)
+        for action in parser._actions
+        for opt in action.option_strings
+        if opt.startswith("--")
+        and action.help != argparse.SUPPRESS
+        and action.dest not in ("config", "help", "resume")
+    }
+
+
 def config_file_argv(
     path: str, parser: argparse.ArgumentParser, cli_argv: list[str] = ()
 ) -> list[str]:
     """The flags equivalent to a TOML config file (keys are flag names, `-` or `_`).
 
     A key whose flag, or a flag exclusive with it (e.g. energy and target-flops), is given
-    in `cli_argv` is left out: the command line wins.
+    in `cli_argv` is left out: the command line wins. A file that cannot be read, is not
+    TOML, or holds an unknown key or a value of the wrong kind ends in `parser.error`
+    naming the file and the key.
     """
     rivals = {
         id(action): group._group_actions
@@ -384,36 +477,101 @@ def config_file_argv(
     }
     try:
         with open(path, "rb") as f:
-            table = tomllib.load(f)
+            table = tomllib.loads(f.read().decode("utf-8"))
     except FileNotFoundError:
         parser.error(f"argument --config: file not found: {path}")
+    except IsADirectoryError:
+        parser.error(f"argument --config: {path} is a directory, not a TOML file")
+    except OSError as exc:
+        parser.error(f"argument --config: cannot read {path}: {exc.strerror or exc}")
+    except UnicodeDecodeError as exc:
+        parser.error(
+            f"argument --config: {path} is not UTF-8 text (byte {exc.start}); "
+            "a config file is TOML, UTF-8 encoded"
+        )
     except tomllib.TOMLDecodeError as exc:
         parser.error(f"argument --config: {path} is not valid TOML: {exc}")
-    flags = {
-        opt.lstrip("-").replace("-", "_"): (action, opt)
-        for action in parser._actions
-        for opt in action.option_strings
-        if opt.startswith("--") and action.help != argparse.SUPPRESS
-    }
+    flags = _file_flags(parser)
     argv: list[str] = []
+    seen: dict[int, str] = {}
     for key, value in table.items():
         name = key.replace("-", "_")
-        if name in ("config", "help", "resume") or name not in flags:
-            known = ", ".join(sorted(k for k in flags if k not in ("config", "help", "resume")))
+        if name not in flags:
+            known = ", ".join(sorted(flags))
             parser.error(f"argument --config: unknown key {key!r} in {path} (known keys: {known})")
         action, opt = flags[name]
-        if any(_given(a, list(cli_argv)) for a in rivals.get(id(action), [action])):
-            continue
-        if isinstance(value, bool):
-            if action.nargs != 0:
-                parser.error(f"argument --config: key {key!r} in {path} expects a value, got bool")
-            if value:
-                argv.append(opt)
-            continue
-        if isinstance(value, list):
-            value = ",".join(str(v) for v in value)
-        argv += [opt, str(value)]
+        if id(action) in seen:
+            parser.error(
+                f"argument --config: keys {seen[id(action)]!r} and {key!r} in {path} set the "
+                "same flag; keep one"
+            )
+        seen[id(action)] = key
+        try:
+            flag_argv = _file_value_argv(action, opt, value)
+        except ConfigError as exc:
+            parser.error(f"argument --config: {path}: key {key!r}: {exc}")
+        if not any(_given(a, list(cli_argv)) for a in rivals.get(id(action), [action])):
+            argv += flag_argv
     return argv
+
+
+# Keys that `resolve` always fills: None is not a valid saved value for them.
+_RESOLVED = (
+    "model",
+    "dense_epochs",
+    "svd_epochs",
+    "finetune_epochs",
+    "batch_size",
+    "tune_forms",
+    "strength",
+    "lr",
+    "weight_decay",
+)
+
+
+def check_saved(cfg: dict, source: str) -> dict:
+    """Re-check a saved run configuration (a checkpoint's or config.json's) as the command
+    line checks its flags: every key known, none missing (runtime keys aside), every value
+    of its flag's kind and passing the flag's own type and choices. Returns `cfg`; raises
+    ConfigError naming `source` and the key otherwise.
+    """
+    if not isinstance(cfg, dict):
+        raise ConfigError(
+            f"{source}: the saved configuration is a {type(cfg).__name__}, not a table of keys"
+        )
+    parser = argparse.ArgumentParser(add_help=False)
+    add_train_arguments(parser)
+    actions = {action.dest: action for action in parser._actions}
+    for key in cfg:
+        if key not in actions:
+            raise ConfigError(
+                f"{source}: config key {key!r} is unknown to this version of svdkern "
+                "(saved by another version?); start a new run"
+            )
+    missing = [k for k in actions if k not in cfg and k not in RUNTIME_KEYS]
+    if missing:
+        raise ConfigError(
+            f"{source}: config key {missing[0]!r} is missing (saved by an older version of "
+            "svdkern?); start a new run"
+        )
+    for key, value in cfg.items():
+        action = actions[key]
+        if value is None and action.default is None and key not in _RESOLVED:
+            continue
+        try:
+            if action.nargs == 0 or isinstance(value, bool):
+                if not isinstance(value, bool) or action.nargs != 0:
+                    raise ConfigError(f"expected {_expected(action)}, got {value!r}")
+            else:
+                _value_text(action, value)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: config key {key!r}: {exc}") from None
+    if (cfg.get("energy") is None) == (cfg.get("target_flops") is None):
+        raise ConfigError(
+            f"{source}: config keys 'energy' and 'target_flops': exactly one must be set, got "
+            f"energy={cfg.get('energy')!r}, target_flops={cfg.get('target_flops')!r}"
+        )
+    return cfg
 
 
 def resolve(args: argparse.Namespace) -> dict[str, Any]:

@@ -29,7 +29,14 @@ from torch import nn
 
 from svdkern.train import plots
 
-__all__ = ["compare", "format_table", "measure_latencies", "measure_latency", "write_report"]
+__all__ = [
+    "ReportError",
+    "compare",
+    "format_table",
+    "measure_latencies",
+    "measure_latency",
+    "write_report",
+]
 
 ORDER = (
     "dense",
@@ -53,6 +60,10 @@ DESCRIPTIONS = {
     "adaptive_svd": "SVD-trained from a fresh SVD model with rank cuts, before the final prune",
     "adaptive": "SVD-trained with rank cuts, pruned + fine-tuned (svd-adaptive)",
 }
+
+
+class ReportError(ValueError):
+    """A run's report.json that `compare` cannot read; the message names the file."""
 
 
 def _ordered(models: dict[str, Any]) -> list[str]:
@@ -281,12 +292,7 @@ def write_report(
 
 def compare(run_dirs: Sequence[str], plot: str | None = "compare.png") -> str:
     """One table of every model of every run, and one accuracy-vs-MACs plot."""
-    runs: dict[str, dict[str, Any]] = {}
-    for d in run_dirs:
-        path = Path(d) / "report.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{d}: no report.json (is it a finished `svdkern train` run?)")
-        runs[str(d)] = json.loads(path.read_text())["models"]
+    runs = {str(d): _load_models(Path(d)) for d in run_dirs}
     header = ["run", "model", "test accuracy", "params", "MACs", "MACs ÷"]
     rows = []
     for run, models in runs.items():
@@ -313,6 +319,51 @@ def compare(run_dirs: Sequence[str], plot: str | None = "compare.png") -> str:
 
     text = "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, rows)])
     if plot:
-        plots.plot_accuracy_vs_macs(runs, Path(plot))
+        try:
+            plots.plot_accuracy_vs_macs(runs, Path(plot))
+        except (OSError, ValueError) as exc:  # ValueError: a file type matplotlib cannot write
+            raise ReportError(
+                f"--plot {plot}: cannot write: {getattr(exc, 'strerror', None) or exc}"
+            ) from None
         text += f"\n\nplot: {plot}"
     return text
+
+
+def _load_models(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """The "models" table of a run's report.json, each model's accuracy (a fraction), params
+    and macs (integers) checked; FileNotFoundError for a directory without one, ReportError
+    naming the file for one that cannot be read as a report."""
+    path = run_dir / "report.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{run_dir}: no report.json (is it a finished `svdkern train` run?)"
+        )
+    try:
+        doc = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise ReportError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ReportError(f"{path}: not UTF-8 text (not a report of svdkern train)") from None
+    except json.JSONDecodeError as exc:
+        raise ReportError(
+            f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
+            "rerun the run's training or remove it from the list"
+        ) from None
+    models = doc.get("models") if isinstance(doc, dict) else None
+    if not isinstance(models, dict) or not models:
+        raise ReportError(f'{path}: no "models" table (not a report of svdkern train)')
+    for name, m in models.items():
+        ok = (
+            isinstance(m, dict)
+            and isinstance(m.get("accuracy"), int | float)
+            and not isinstance(m.get("accuracy"), bool)
+            and all(
+                isinstance(m.get(k), int) and not isinstance(m.get(k), bool)
+                for k in ("params", "macs")
+            )
+        )
+        if not ok:
+            raise ReportError(
+                f"{path}: model {name!r} lacks a numeric accuracy or integer params and macs"
+            )
+    return models
