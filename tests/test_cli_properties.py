@@ -106,8 +106,8 @@ def _check_outcome(argv, outcome: str, cfg, stderr: str) -> None:
         _assert_one_error_line(stderr, argv)
 
 
-# Text without line breaks or control characters: argparse, and the checks of paths, quote
-# a value verbatim in their one-line error.
+# Text without control characters or Unicode line separators (argparse quotes a value
+# verbatim); the parser escapes \n and \r, which the values below include on purpose.
 _TEXT = st.text(
     st.characters(codec="utf-8", exclude_categories=("Cc", "Cs", "Zl", "Zp")), max_size=12
 )
@@ -119,6 +119,7 @@ _CLI_VALUE = st.one_of(
         ["digits", "synthetic", "cifar10", "mlp", "cnn", "svd", "dense", "hoyer", "adam"]
     ),
     st.sampled_from(["cpu", "cuda", "cuda:1", "meta", "tpu:x"]),
+    st.sampled_from(["a\nb", "runs/x\r\ny", "\n"]),  # paths with line breaks
     _TEXT,
 )
 _CLI_ARG = st.one_of(
@@ -330,3 +331,12 @@ def test_config_value_of_the_wrong_kind_names_the_key_and_the_kind(
     _assert_one_error_line(stderr, key)
     assert f"{path}: key {key!r}: {expected}" in stderr
     assert "unrecognized arguments" not in stderr
+
+
+@pytest.mark.parametrize("flag", ["--init", "--config", "--resume"])
+def test_a_path_with_a_line_break_is_one_error_line(flag, monkeypatch):
+    argv = [flag, "no\nsuch\rfile"]
+    outcome, _, stderr = _run_train(argv, monkeypatch)
+    assert outcome == "error"
+    _assert_one_error_line(stderr, argv)
+    assert "\\n" in stderr.splitlines()[-1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -14,9 +15,16 @@ import torch
 import torch.distributed as dist
 
 import svdkern
-from svdkern.train import checkpoint, config, report
+from svdkern.train import checkpoint, config, report, rundir
 from svdkern.train.data import DataError, load_dataset
-from svdkern.train.loop import CHECKPOINT, METRICS, Pipeline, TrainingError, init_env
+from svdkern.train.loop import (
+    CHECKPOINT,
+    METRICS,
+    Pipeline,
+    TrainingError,
+    init_env,
+    phases_of,
+)
 
 __all__ = ["build_compare_parser", "build_train_parser", "compare_main", "train_main"]
 
@@ -30,7 +38,9 @@ baseline (truncated SVD of the dense model at the same MACs, same fine-tuning) u
 The run directory gets checkpoint.pt (after every epoch), dense.pt / svd.pt / pruned.pt /
 posthoc.pt (each phase's final model; load pruned ones with svdkern.load_state_dict),
 metrics.jsonl (one line per epoch), report.json, report.md and PNG plots (spectra, ranks,
-accuracy vs MACs).
+accuracy vs MACs). A run locks its directory (.lock) while it runs: a second run on it is
+refused. --resume of a directory whose run stopped before its first checkpoint starts that run
+again; --out on such a directory reuses it.
 
 examples:
   svdkern train                                    # digits demo, ~2 min on a laptop CPU
@@ -42,8 +52,16 @@ examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose error stays one line: line breaks in a value (a path with a newline)
+    are shown escaped."""
+
+    def error(self, message: str):
+        super().error(message.replace("\r", "\\r").replace("\n", "\\n"))
+
+
 def build_train_parser(prog: str = "svdkern train") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog,
         description="Train a low-rank model with SVD training (orthogonality + singular-value "
         "sparsity), prune it, fine-tune, compress and report.",
@@ -72,6 +90,12 @@ def _check_device(parser: argparse.ArgumentParser, device: str) -> None:
         parser.error(f"argument --device: {device} requested but CUDA is not available")
 
 
+def _note(text: str) -> None:
+    """A message the user must see even with --quiet: what was done to the run directory."""
+    print(f"svdkern train: {text}", file=sys.stderr)
+    sys.stderr.flush()
+
+
 def _fresh_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     cfg = config.resolve(args)
     if cfg["data"] == "cifar10" and not cfg["data_dir"]:
@@ -80,25 +104,135 @@ def _fresh_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f"argument --init: no such checkpoint file: {cfg['init']}")
     if cfg["init"] and cfg["method"] == "dense":
         parser.error("argument --init: --method dense with --init has nothing to train")
+    return cfg
+
+
+def _claim_out(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, cfg: dict
+) -> tuple[rundir.RunLock, bool]:
+    """Process 0 of a new run: create and lock the run directory (a fresh name for the default
+    runs/<date-time>), refuse one that holds a run, reuse one whose run died before its first
+    checkpoint. Returns the lock and whether the directory was created here."""
     out = Path(cfg["out"])
-    taken = [n for n in (CHECKPOINT, METRICS, "report.json") if (out / n).exists()]
+    try:
+        if not args.out:
+            out = rundir.unique_dir(out)
+            cfg["out"] = str(out)
+            created = True
+        else:
+            created = not out.exists()
+        lock = rundir.claim(out, create=True)
+    except rundir.RunDirError as exc:
+        parser.error(f"argument --out: {exc}")
+    taken = [n for n in (CHECKPOINT, "report.json") if (out / n).exists()]
     if taken:
+        lock.release()
         parser.error(
             f"argument --out: {out} already holds a run ({', '.join(taken)}); continue it with "
             f"--resume {out} or choose another --out"
         )
-    return cfg
-
-
-def _resume_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[dict, dict]:
-    path = Path(args.resume) / CHECKPOINT
-    if not path.is_file():
-        parser.error(
-            f"argument --resume: no {CHECKPOINT} in {args.resume} (a run writes it after its "
-            "first epoch; start a new run instead)"
+    _took_over(lock)
+    _remove_temp_files(out)
+    left = [n for n in (METRICS, "config.json") if (out / n).exists()]
+    if left:
+        (out / METRICS).unlink(missing_ok=True)
+        _note(
+            f"reusing {out}: it holds no {CHECKPOINT} (its run stopped before its first epoch "
+            f"ended; {', '.join(left)} replaced)"
         )
-    state = checkpoint.load(path)
-    cfg = dict(state["config"])
+    return lock, created
+
+
+def _took_over(lock: rundir.RunLock) -> None:
+    if lock.previous:
+        _note(f"took over the lock of a stopped run in {lock.directory} ({lock.previous})")
+
+
+def _remove_temp_files(run: Path) -> None:
+    removed = rundir.remove_dead_temp_files(run)
+    if removed:
+        _note(f"removed temporary files of a stopped run: {', '.join(str(p) for p in removed)}")
+
+
+def _release(lock: rundir.RunLock | None, created: bool) -> None:
+    """Unlock; a directory this process created and left empty (an error before the run
+    began) is removed again."""
+    if lock is None:
+        return
+    # Removed while still locked, so that no other run can lock the file about to go.
+    if created and [p.name for p in lock.directory.iterdir()] == [rundir.LOCK]:
+        with contextlib.suppress(OSError):  # another run just created its own .lock there
+            (lock.directory / rundir.LOCK).unlink()
+            lock.directory.rmdir()
+    lock.release()
+
+
+_CHECKPOINT_KEYS = ("phase", "epoch", "model", "optimizer", "scheduler", "rng", "config")
+_CHECKPOINT_KEYS += ("results", "info")
+
+
+def _check_saved(parser: argparse.ArgumentParser, cfg: dict, source: Path) -> dict:
+    """Re-validate a saved configuration as the command line would, before any loading."""
+    check = getattr(config, "check_saved", None)
+    if check is None:
+        return cfg
+    try:
+        return check(cfg, str(source))
+    except config.ConfigError as exc:
+        parser.error(f"argument --resume: {exc}")
+
+
+def _resume_config(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, main: bool
+) -> tuple[dict, dict | None]:
+    """The configuration and checkpoint of `--resume RUN`; (config, None) for a run that
+    stopped before its first checkpoint, which then starts again from its beginning."""
+    run = Path(args.resume)
+    path = run / CHECKPOINT
+    if not path.exists():
+        saved = run / "config.json"
+        if not saved.is_file() or (run / "report.json").exists():
+            parser.error(
+                f"argument --resume: no {CHECKPOINT} in {args.resume} (a run writes it after its "
+                "first epoch; start a new run instead)"
+            )
+        try:
+            cfg = json.loads(saved.read_text())
+            if not isinstance(cfg, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            parser.error(
+                f"argument --resume: {saved}: unreadable ({exc}); start a new run with --out"
+            )
+        cfg = _check_saved(parser, cfg, saved)
+        state = None
+        if main:
+            (run / METRICS).unlink(missing_ok=True)
+            _note(
+                f"{run} holds no {CHECKPOINT} (its run stopped before its first epoch ended): "
+                "starting it from the beginning"
+            )
+    else:
+        try:
+            state = checkpoint.load(path)
+        except checkpoint.CheckpointError as exc:
+            parser.error(
+                f"argument --resume: {exc}; remove it and run --resume {run} again to start "
+                "the run from its beginning"
+            )
+        missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+        if missing:
+            parser.error(
+                f"argument --resume: {path}: not a checkpoint of svdkern train (no "
+                f"{missing[0]!r}); remove it and run --resume {run} again to start the run "
+                "from its beginning"
+            )
+        cfg = _check_saved(parser, dict(state["config"]), path)
+        if state["phase"] not in phases_of(cfg):
+            parser.error(
+                f"argument --resume: {path}: phase {state['phase']!r} is not a phase of method "
+                f"{cfg.get('method')!r}; the checkpoint is damaged"
+            )
     cfg.update(out=str(args.resume), quiet=args.quiet, resume=str(args.resume))
     cfg["stop_after_epochs"] = args.stop_after_epochs
     return cfg, state
@@ -133,11 +267,36 @@ def train_main(argv: list[str] | None = None) -> int:
     parser = build_train_parser()
     args = _parse(parser, argv)
     _check_device(parser, args.device)
-    state = None
-    if args.resume:
-        cfg, state = _resume_config(parser, args)
-    else:
-        cfg = _fresh_config(parser, args)
+    # Process 0 (of torchrun, or the only one) owns the run directory: locks it, cleans it up.
+    main = int(os.environ.get("RANK", "0")) == 0
+    lock, created = None, False
+    try:
+        if args.resume:
+            if main:
+                if not Path(args.resume).is_dir():
+                    parser.error(
+                        f"argument --resume: no {CHECKPOINT} in {args.resume} (a run writes it "
+                        "after its first epoch; start a new run instead)"
+                    )
+                try:
+                    lock = rundir.claim(args.resume, create=False, flag="--resume")
+                except rundir.RunDirError as exc:
+                    parser.error(f"argument --resume: {exc}")
+                _took_over(lock)
+                _remove_temp_files(Path(args.resume))
+            cfg, state = _resume_config(parser, args, main)
+        else:
+            cfg, state = _fresh_config(parser, args), None
+            if main:
+                lock, created = _claim_out(parser, args, cfg)
+        return _train(parser, args, cfg, state)
+    finally:
+        _release(lock, created)
+
+
+def _train(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, cfg: dict, state: dict | None
+) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg["batch_size"] % world:
         parser.error(
@@ -165,19 +324,33 @@ def train_main(argv: list[str] | None = None) -> int:
         pipe = Pipeline(cfg, env, ds, resume=state)
         if state is None:
             _check_target_flops(parser, pipe)
-        if env.main and state is None:
-            Path(cfg["out"]).mkdir(parents=True, exist_ok=True)
-            saved = {k: v for k, v in cfg.items() if k != "stop_after_epochs"}
-            (Path(cfg["out"]) / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
+            if cfg["init"]:
+                try:
+                    pipe.init_state()
+                except ValueError as exc:
+                    parser.error(f"argument --init: {exc}")
         try:
+            if env.main and state is None:
+                path = Path(cfg["out"]) / "config.json"
+                saved = {k: v for k, v in cfg.items() if k != "stop_after_epochs"}
+                try:
+                    path.write_text(json.dumps(saved, indent=2) + "\n")
+                except OSError as exc:
+                    raise TrainingError(f"cannot write {path}: {exc.strerror}") from None
             pipe.run()
+            if env.main:
+                try:
+                    doc = pipe.finalize()
+                except OSError as exc:
+                    raise TrainingError(
+                        f"cannot write {exc.filename or 'the report'}: {exc.strerror}; the "
+                        f"trained models are in {cfg['out']}"
+                    ) from None
+                _print_summary(cfg, doc, pipe.written)
         except TrainingError as exc:
             if env.main:
                 print(f"svdkern train: error: {exc}", file=sys.stderr)
             return 1
-        if env.main:
-            doc = pipe.finalize()
-            _print_summary(cfg, doc, pipe.written)
         env.barrier()
     finally:
         if env.world > 1 and dist.is_initialized():
@@ -197,7 +370,7 @@ def _print_summary(cfg: dict, doc: dict, written: dict[str, Path]) -> None:
 
 
 def build_compare_parser(prog: str = "svdkern compare") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog,
         description="One table and one accuracy-vs-MACs plot of the models of several runs.",
     )
@@ -216,6 +389,6 @@ def compare_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         print(report.compare(args.runs, args.plot))
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, report.ReportError) as exc:
         parser.error(str(exc))
     return 0

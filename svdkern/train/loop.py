@@ -244,6 +244,30 @@ def _all_sum(values: list[float], env: Env) -> list[float]:
     return t.tolist()
 
 
+def read_metrics(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The rows of metrics.jsonl as (line, row). A last line cut short (a crash or a full disk
+    in the middle of a write) is dropped; a damaged line before it is an error naming it."""
+    text = path.read_text(errors="replace")
+    lines = text.split("\n")
+    out = []
+    for number, line in enumerate(lines, start=1):
+        if not line:
+            continue
+        if number == len(lines):  # no newline after it: the write did not finish
+            break
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict) or "phase" not in row or "epoch" not in row:
+            raise TrainingError(
+                f"{path}, line {number}: not a metrics row; remove that line (or the run "
+                "directory) and resume again"
+            )
+        out.append((line, row))
+    return out
+
+
 # --- the pipeline -----------------------------------------------------------------------
 
 
@@ -272,6 +296,8 @@ class Pipeline:
         # TRP truncates with the pruning energy rule (ε = --energy, or 1e-3 under --target-flops).
         self.trp_energy = cfg["energy"] if cfg["energy"] is not None else 1e-3
         self.show_bars = not cfg["quiet"] and env.main and sys.stderr.isatty()
+        # (phase, epoch) of the checkpoint on disk, for the message of a failed write.
+        self.saved: tuple[str, int] | None = (resume["phase"], resume["epoch"]) if resume else None
 
     def wall_time(self) -> float:
         """Seconds spent on this run, over all its (resumed) processes."""
@@ -284,14 +310,33 @@ class Pipeline:
             tqdm.write(text, file=sys.stdout)
             sys.stdout.flush()
 
+    def _write_failed(self, exc: OSError, path: Path) -> TrainingError:
+        """The error of a failed write (disk full, read-only file system): names the file and
+        the cause, and says which checkpoint is intact to resume from."""
+        if self.saved is not None:
+            where = (
+                f"the previous {self.dir / CHECKPOINT} is intact ({self.saved[0]}, epoch "
+                f"{self.saved[1]}): make room and continue with --resume {self.dir}"
+            )
+        else:
+            where = f"no checkpoint yet: make room and start again with --resume {self.dir}"
+        cause = exc.strerror or str(exc)
+        return TrainingError(f"cannot write {exc.filename or path}: {cause}; {where}")
+
     def _save(self, obj: Any, name: str) -> None:
         if self.env.main:
-            checkpoint.save_atomic(obj, self.dir / name)
+            try:
+                checkpoint.save_atomic(obj, self.dir / name)
+            except OSError as exc:
+                raise self._write_failed(exc, self.dir / name) from None
 
     def _metrics(self, row: dict[str, Any]) -> None:
         if self.env.main:
-            with open(self.dir / METRICS, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            try:
+                with open(self.dir / METRICS, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            except OSError as exc:
+                raise self._write_failed(exc, self.dir / METRICS) from None
 
     def _trim_metrics(self, phase_index: int, epoch: int) -> None:
         """Drop metric rows written after the checkpoint a resumed run starts from."""
@@ -299,17 +344,20 @@ class Pipeline:
         if not self.env.main or not path.exists():
             return
         keep = []
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
+        for line, row in read_metrics(path):
             pos = (self.phases.index(row["phase"]), row["epoch"])
             if pos <= (phase_index, epoch):
                 keep.append(line)
-        tmp = path.with_suffix(".jsonl.tmp")
-        with open(tmp, "w") as f:
-            f.write("".join(line + "\n" for line in keep))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "w") as f:
+                f.write("".join(line + "\n" for line in keep))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise self._write_failed(exc, path) from None
 
     # -- models -----------------------------------------------------------------------
 
@@ -359,9 +407,7 @@ class Pipeline:
         if name == "dense":
             model = self.skeleton(svd=False)
             if cfg["init"]:
-                state = checkpoint.load(cfg["init"])
-                state = state.get("model", state)
-                model.load_state_dict(state)
+                model.load_state_dict(self.init_state())
             return model
         if name == "svd":
             model = self.load_result("dense", svd=False)
@@ -394,6 +440,50 @@ class Pipeline:
             self._prune(model, "trp")
             return model
         raise ValueError(f"unknown phase {name!r}")
+
+    def init_state(self) -> dict[str, torch.Tensor]:
+        """The dense state_dict of --init: a state_dict, a phase file (dense.pt), or a run's
+        checkpoint.pt taken in dense training (its model at that epoch). Raises ValueError
+        naming the file and the mismatch, before anything is trained."""
+        path = self.cfg["init"]
+        try:
+            state = checkpoint.load(path)
+        except checkpoint.CheckpointError as exc:
+            raise ValueError(str(exc)) from None
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):
+            phase = state.get("phase")
+            if phase is not None and phase in PHASES and PHASES[phase].svd:
+                raise ValueError(
+                    f"{path} holds the SVD model of phase {phase!r}; --init takes a dense model "
+                    "(a run's dense.pt, or its checkpoint.pt while in dense training)"
+                )
+            state = state["model"]
+        if not isinstance(state, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+        ):
+            raise ValueError(f"{path}: not a state_dict (a dict of tensors) nor a checkpoint")
+        expected = self.skeleton(svd=False).state_dict()
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        shapes = [
+            f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+            for k, v in expected.items()
+            if k in state and state[k].shape != v.shape
+        ]
+        problems = []
+        for what, items in (("missing", missing), ("unexpected", unexpected)):
+            if items:
+                more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+                problems.append(f"{what} keys {', '.join(items[:3])}{more}")
+        if shapes:
+            more = f" and {len(shapes) - 3} more" if len(shapes) > 3 else ""
+            problems.append(f"shapes (file vs model) {', '.join(shapes[:3])}{more}")
+        if problems:
+            raise ValueError(
+                f"{path} does not match --model {self.cfg['model']} on --data "
+                f"{self.cfg['data']}: {'; '.join(problems)}"
+            )
+        return state
 
     def measure(self, model: nn.Module) -> dict[str, Any]:
         """Test accuracy, loss, params, MACs (as deployed after compress) and ranks."""
@@ -501,6 +591,7 @@ class Pipeline:
                 },
                 CHECKPOINT,
             )
+            self.saved = (phase.name, epoch + 1)
             if self.show_bars:
                 self.log(
                     f"{phase.name:>12} {epoch + 1:3d}/{epochs}  loss {row['loss']:.4f}  "
@@ -814,6 +905,6 @@ class Pipeline:
         }
         rows = []
         if (self.dir / METRICS).exists():
-            rows = [json.loads(line) for line in (self.dir / METRICS).read_text().splitlines()]
+            rows = [row for _, row in read_metrics(self.dir / METRICS)]
         self.written = report.write_report(self.dir, doc, epochs=rows)
         return doc
