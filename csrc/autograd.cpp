@@ -3,15 +3,22 @@
 // Each forward calls the op below autograd and each backward calls the op's
 // backward op, both through typed dispatcher handles, so whichever kernel is
 // registered for the tensors' device (C++ on CPU, Triton on CUDA, Triton on
-// CPU in interpreter mode) serves both directions. Double backward is not
-// supported: the backward ops have no autograd of their own.
+// CPU in interpreter mode) serves both directions. The ops support first
+// derivatives only: the backward ops have no autograd of their own, so a
+// backward run with create_graph=True returns gradients whose own backward
+// raises an error naming the op (first_order_only below) rather than a second
+// derivative that would be silently wrong or missing.
 //
 // The grouped ops' kernels return packed buffers (packed.h); the per-layer
 // tensors are ATen views of them taken here, outside the ops: the forward's
 // by compose_grouped (CompositeImplicitAutograd), the gradients' by the
 // backward functions below.
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <string>
 
 #include "packed.h"
 
@@ -39,6 +46,41 @@ std::vector<TensorVec> split(const variable_list& flat, std::initializer_list<si
   return out;
 }
 
+bool requires_grad(const Tensor& t) { return t.defined() && t.requires_grad(); }
+
+// The gradients `out` that a backward of `op` computed (below autograd). Under create_graph=True
+// (grad mode on during the backward) with anything differentiable among the upstream
+// gradients and the saved inputs, each gradient gets as grad_fn an Error node whose edges lead
+// to those inputs: differentiating a gradient again reaches the node, which raises naming the
+// op. Without create_graph the gradients are returned as they are.
+variable_list first_order_only(const char* op, const variable_list& upstream,
+                               const variable_list& saved, variable_list out) {
+  if (!at::GradMode::is_enabled() ||
+      (std::none_of(upstream.begin(), upstream.end(), requires_grad) &&
+       std::none_of(saved.begin(), saved.end(), requires_grad))) {
+    return out;
+  }
+  auto error = c10::make_intrusive<torch::autograd::Error>(
+      std::string("svdkern::") + op +
+          " supports first derivatives only: its backward is not differentiable, so a second "
+          "derivative through it (differentiating a gradient computed with create_graph=True) "
+          "is not supported",
+      torch::autograd::collect_next_edges(upstream, saved));
+  variable_list result;
+  result.reserve(out.size());
+  for (const auto& t : out) {
+    if (!t.defined()) {
+      error->add_input_metadata(torch::autograd::Node::undefined_input());
+      result.emplace_back();
+      continue;
+    }
+    Tensor grad = t.detach();
+    torch::autograd::create_gradient_edge(grad, error);
+    result.push_back(std::move(grad));
+  }
+  return result;
+}
+
 class Compose : public torch::autograd::Function<Compose> {
  public:
   static Tensor forward(AutogradContext* ctx, const Tensor& U, const Tensor& s, const Tensor& V) {
@@ -52,8 +94,13 @@ class Compose : public torch::autograd::Function<Compose> {
     static auto op = op_handle<std::tuple<Tensor, Tensor, Tensor>(
         const Tensor&, const Tensor&, const Tensor&, const Tensor&)>("svdkern::compose_backward");
     const auto saved = ctx->get_saved_variables();
-    auto [dU, ds, dV] = op.call(grads[0], saved[0], saved[1], saved[2]);
-    return {dU, ds, dV};
+    variable_list out;
+    {
+      const at::NoGradGuard no_grad;
+      auto [dU, ds, dV] = op.call(grads[0], saved[0], saved[1], saved[2]);
+      out = {dU, ds, dV};
+    }
+    return first_order_only("compose", grads, saved, std::move(out));
   }
 };
 
@@ -80,16 +127,21 @@ class ComposeGroupedPacked : public torch::autograd::Function<ComposeGroupedPack
                                                           at::TensorList, at::TensorList)>(
         "svdkern::compose_grouped_backward");
     const size_t n = static_cast<size_t>(ctx->saved_data["n"].toInt());
-    const auto parts = split(ctx->get_saved_variables(), {n, n, n});
+    const auto saved = ctx->get_saved_variables();
+    const auto parts = split(saved, {n, n, n});
     const auto &Us = parts[0], &ss = parts[1], &Vs = parts[2];
-    auto [dF, ds] = op.call(grads[0], Us, ss, Vs);
-    // dF holds [dU_0, ..., dU_last, dV_0, ..., dV_last]; ds holds [ds_0, ds_1, ...].
-    variable_list out = unpack(dF, shapes_of(Us));
-    const auto dss = unpack(ds, shapes_of(ss));
-    const auto dVs = unpack(dF, shapes_of(Vs), total_numel(Us));
-    out.insert(out.end(), dss.begin(), dss.end());
-    out.insert(out.end(), dVs.begin(), dVs.end());
-    return out;
+    variable_list out;
+    {
+      const at::NoGradGuard no_grad;
+      auto [dF, ds] = op.call(grads[0], Us, ss, Vs);
+      // dF holds [dU_0, ..., dU_last, dV_0, ..., dV_last]; ds holds [ds_0, ds_1, ...].
+      out = unpack(dF, shapes_of(Us));
+      const auto dss = unpack(ds, shapes_of(ss));
+      const auto dVs = unpack(dF, shapes_of(Vs), total_numel(Us));
+      out.insert(out.end(), dss.begin(), dss.end());
+      out.insert(out.end(), dVs.begin(), dVs.end());
+    }
+    return first_order_only("compose_grouped", grads, saved, std::move(out));
   }
 };
 
@@ -114,9 +166,14 @@ class LowrankLinear : public torch::autograd::Function<LowrankLinear> {
     const auto saved = ctx->get_saved_variables();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const bool bias_grad = has_bias && ctx->needs_input_grad(4);
-    auto [dx, dU, ds, dV, dbias] =
-        op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], bias_grad);
-    return {dx, dU, ds, dV, bias_grad ? dbias : Tensor()};
+    variable_list out;
+    {
+      const at::NoGradGuard no_grad;
+      auto [dx, dU, ds, dV, dbias] =
+          op.call(grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], bias_grad);
+      out = {dx, dU, ds, dV, bias_grad ? dbias : Tensor()};
+    }
+    return first_order_only("lowrank_linear", grads, saved, std::move(out));
   }
 };
 
@@ -136,10 +193,14 @@ class OrthLoss : public torch::autograd::Function<OrthLoss> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static auto op = op_handle<Tensor(const Tensor&, at::TensorList, const Tensor&)>(
         "svdkern::orth_loss_backward");
-    auto saved = ctx->get_saved_variables();
-    const Tensor residuals = saved.back();
-    saved.pop_back();
-    return unpack(op.call(grads[0], saved, residuals), shapes_of(saved));
+    const auto saved = ctx->get_saved_variables();
+    const variable_list mats(saved.begin(), saved.end() - 1);
+    variable_list out;
+    {
+      const at::NoGradGuard no_grad;
+      out = unpack(op.call(grads[0], mats, saved.back()), shapes_of(mats));
+    }
+    return first_order_only("orth_loss", grads, mats, std::move(out));
   }
 };
 
@@ -159,9 +220,13 @@ class SparsityLoss : public torch::autograd::Function<SparsityLoss> {
         "svdkern::sparsity_loss_backward");
     const std::string kind = ctx->saved_data["kind"].toStringRef();
     const auto svals = ctx->get_saved_variables();
-    variable_list out = unpack(op.call(grads[0], svals, kind), shapes_of(svals));
+    variable_list out;
+    {
+      const at::NoGradGuard no_grad;
+      out = unpack(op.call(grads[0], svals, kind), shapes_of(svals));
+    }
     out.emplace_back();  // no gradient for kind
-    return out;
+    return first_order_only("sparsity_loss", grads, svals, std::move(out));
   }
 };
 

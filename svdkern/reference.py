@@ -11,9 +11,14 @@ Math (DESIGN.md §1, §3), for a layer with U (m×r), s (r,), V (n×r):
     orth_loss(mats)              = Σ_M ‖MᵀM − I‖²_F / r_M²           (r_M = columns of M)
     sparsity_loss(svals, kind)   = Σ_s R(s),  R ∈ {‖s‖₁, ‖s‖₁/‖s‖₂, ‖s‖₁²/‖s‖₂²}
 
-The Hoyer measures of an all-zero vector are defined as 0 (with zero
-gradient): the denominator is clamped to the smallest normal float.
-Losses accumulate in fp32 and return fp32 (fp64 for fp64 inputs).
+Losses accumulate in fp32 and return fp32 (fp64 for fp64 inputs). Where a form
+exists whose intermediates cannot overflow while the result fits, it is the one
+computed: orth_loss sums (MᵀM − I)²/r² as ((MᵀM − I)/r)², and the Hoyer measures,
+which are scale invariant, are computed on t = s/‖s‖_∞ (so a vector of values
+near the dtype's largest has a finite Hoyer measure in [1, √r]). A loss whose
+value exceeds the dtype's range is inf. The Hoyer measures of an all-zero vector
+are defined as 0 (with zero gradient): the denominator is clamped to the
+smallest normal float.
 """
 
 from __future__ import annotations
@@ -71,22 +76,23 @@ def orth_loss(mats: Sequence[torch.Tensor]) -> torch.Tensor:
         acc = M.to(loss_dtype(M.dtype))
         r = acc.shape[1]
         eye = torch.eye(r, dtype=acc.dtype, device=acc.device)
-        term = ((acc.T @ acc - eye) ** 2).sum() / (r * r)
+        term = (((acc.T @ acc - eye) / r) ** 2).sum()
         total = term if total is None else total + term
     return total
 
 
 def _sparsity(s: torch.Tensor, kind: str) -> torch.Tensor:
-    l1 = s.abs().sum()
+    if kind not in SPARSITY_KINDS:
+        raise ValueError(f"sparsity kind must be one of {SPARSITY_KINDS}, got {kind!r}")
     if kind == "l1":
-        return l1
-    tiny = torch.finfo(s.dtype).tiny
-    l2 = torch.linalg.vector_norm(s).clamp_min(tiny)
-    if kind == "hoyer":
-        return l1 / l2
-    if kind == "hoyer_square":
-        return (l1 / l2) ** 2
-    raise ValueError(f"sparsity kind must be one of {SPARSITY_KINDS}, got {kind!r}")
+        return s.abs().sum()
+    # h(s) = h(s / c) for any c > 0: with c = ‖s‖_∞ (a constant, so no gradient flows through
+    # it) the sums below neither overflow nor underflow.
+    amax = s.detach().abs().amax()
+    t = s / torch.where(amax > 0, amax, torch.ones_like(amax))
+    l2 = torch.linalg.vector_norm(t).clamp_min(torch.finfo(s.dtype).tiny)
+    h = t.abs().sum() / l2
+    return h if kind == "hoyer" else h**2
 
 
 def sparsity_loss(svals: Sequence[torch.Tensor], kind: str = "hoyer") -> torch.Tensor:

@@ -236,6 +236,8 @@ LOWRANK_CASES = [
     pytest.param((1,), 17, 1, 1, False, id="B1-N17-M1-R1"),
     pytest.param((2, 3), 12, 20, 5, True, id="B2x3-N12-M20-R5-bias"),
     pytest.param((0,), 8, 6, 3, True, id="B0-N8-M6-R3-bias"),
+    pytest.param((2, 3), 0, 5, 2, True, id="B2x3-N0-M5-R2-bias"),
+    pytest.param((4,), 0, 3, 2, False, id="B4-N0-M3-R2"),
     pytest.param((33,), 40, 7, 7, False, id="B33-N40-M7-R7"),
     pytest.param((70,), 150, 133, 70, True, id="B70-N150-M133-R70-bias"),
     pytest.param((5,), 40, 30, 300, True, id="B5-N40-M30-R300-bias-unfused"),
@@ -456,6 +458,90 @@ def test_ops_on_empty_dimensions(m, n, rows):
     check_orth(mats, loss, grads_of(loss, mats, torch.tensor(0.75)), 0.75, dtype)
 
 
+# ---------------------------------------------------------------- extreme values
+
+_FP32_MAX = torch.finfo(torch.float32).max
+
+
+@interp
+def test_losses_beyond_fp32_range_are_inf_like_the_reference():
+    """A loss whose value exceeds fp32's range is inf on every path (the C++ kernels sum in
+    fp64 and used to refuse to narrow the sum), and the reference agrees."""
+    cases = [
+        (lambda m: m.orth_loss([torch.full((4, 2), 1e15)]), "orth 1e15"),  # Σ (D/r)² ≈ 1.6e61
+        (lambda m: m.sparsity_loss([torch.full((2,), 2e38)], "l1"), "l1 2 × 2e38"),
+    ]
+    for call, name in cases:
+        for impl in (ops, reference):
+            got = call(impl)
+            assert got.dtype == torch.float32 and got.item() == float("inf"), (name, impl, got)
+    # Just below the range the sum is finite on every path.
+    for impl in (ops, reference):
+        got = impl.sparsity_loss([torch.full((2,), 1.5e38)], "l1")
+        assert got.item() == pytest.approx(3e38, rel=1e-6) and got.item() <= _FP32_MAX
+
+
+@interp
+def test_orth_loss_is_finite_where_only_squared_residuals_overflow():
+    """D = MᵀM − I with D₀₀ ≈ 1e20: D₀₀² overflows fp32 but the loss D₀₀²/r² + (r − 1)/r²
+    (r = 64) does not; every path sums (D/r)² and returns it."""
+    M = torch.zeros(1, 64)
+    M[0, 0] = 1e10
+    want = reference.orth_loss([M.double()]).item()  # fp64: no overflow anywhere
+    assert want == pytest.approx(((1e20 - 1) ** 2 + 63) / 64**2, rel=1e-12)
+    for impl in (ops, reference):
+        got = impl.orth_loss([M])
+        assert got.item() == pytest.approx(want, rel=1e-6), impl
+
+
+# Hoyer measures of s = base·2^k for exponents whose squares overflow (k > 0) or underflow
+# (k < 0) in the dtype; h is scale invariant, so h(s) = h(base) and ∇h(s) = 2^-k·∇h(base).
+HOYER_EXTREMES = [
+    pytest.param(torch.float32, 125, id="fp32-2^125"),
+    pytest.param(torch.float32, -125, id="fp32-2^-125"),
+    pytest.param(torch.float64, 1000, id="fp64-2^1000"),
+    pytest.param(torch.float64, -1000, id="fp64-2^-1000"),
+]
+
+
+@interp
+@pytest.mark.parametrize("kind", ["hoyer", "hoyer_square"])
+@pytest.mark.parametrize("dtype, k", HOYER_EXTREMES)
+def test_hoyer_is_scale_invariant_at_the_ends_of_the_range(dtype, k, kind):
+    """Values near the dtype's largest (their squares overflow) or smallest normal (their
+    squares underflow): the Hoyer measures and gradients are those of the same vector at a
+    moderate scale, on every path and in the reference (not nan, 0 or a clamped ratio)."""
+    base = torch.tensor([3.0, -1.0, 2.0, 0.5], dtype=torch.float64)
+    s = (base * 2.0**k).to(dtype)  # exact: a power-of-two scaling of small integers
+    assert torch.equal(s.double() * 2.0**-k, base)
+    sq = (s * s).sum()
+    assert not (torch.isfinite(sq) and sq >= torch.finfo(dtype).tiny)  # overflows or underflows
+    leaf = base.clone().requires_grad_()
+    want = reference.sparsity_loss([leaf], kind)
+    (want_grad,) = torch.autograd.grad(want, leaf)
+    # ‖base‖₁/‖base‖₂ from the definition, not through the reference.
+    h = float(base.abs().sum() / base.norm())
+    assert want.item() == pytest.approx(h if kind == "hoyer" else h * h, rel=1e-12)
+    for impl in (ops, reference):
+        x = s.clone().requires_grad_()
+        got = impl.sparsity_loss([x], kind)
+        assert got.item() == pytest.approx(want.item(), rel=1e-6), impl
+        (grad,) = torch.autograd.grad(got, x)
+        # fp32's gradients at 2^125 are subnormal (~2^-127): allow a few of their spacings.
+        torch.testing.assert_close(
+            grad.double(), want_grad * 2.0**-k, rtol=1e-5, atol=8 * 2.0**-149, msg=str(impl)
+        )
+
+
+@interp
+def test_hoyer_of_a_constant_vector_near_fp32_max_is_its_definition():
+    """The reported case: four values of 3e38. ‖s‖₁/‖s‖₂ = 4/2 = 2 (and 4 squared)."""
+    s = torch.full((4,), 3e38)
+    for impl in (ops, reference):
+        assert impl.sparsity_loss([s], "hoyer").item() == pytest.approx(2.0, rel=1e-6), impl
+        assert impl.sparsity_loss([s], "hoyer_square").item() == pytest.approx(4.0, rel=1e-6)
+
+
 # ---------------------------------------------------------------- C++ autograd, opcheck, compile
 
 
@@ -489,6 +575,47 @@ def test_gradcheck_fp64(fn, inputs):
     # The interpreter runs every kernel program in Python: there gradcheck compares the
     # Jacobians along random directions (fast mode) instead of column by column.
     assert torch.autograd.gradcheck(fn, inputs, atol=1e-8, rtol=1e-6, fast_mode=TRITON_CPU)
+
+
+@interp
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
+@pytest.mark.parametrize("fn, inputs", _op_cases())
+def test_double_backward_raises_naming_the_op(fn, inputs, request):
+    """The ops support first derivatives only. With create_graph=True the gradients are the
+    usual ones, and differentiating them again raises an error naming the op instead of
+    returning a second derivative that is wrong (orth_loss) or missing (sparsity_loss)."""
+    op = request.node.callspec.id.removesuffix("_nobias")
+    op = "sparsity_loss" if op.startswith("sparsity_loss") else op
+    inputs = [t.detach().requires_grad_() for t in inputs]
+
+    def scalar(out):
+        outs = out if isinstance(out, (list, tuple)) else [out]
+        return sum((o * torch.linspace(0.5, 1.5, o.numel()).view(o.shape)).sum() for o in outs)
+
+    want = torch.autograd.grad(scalar(fn(*inputs)), inputs)
+    first = torch.autograd.grad(scalar(fn(*inputs)), inputs, create_graph=True)
+    for g, w in zip(first, want):
+        torch.testing.assert_close(g.detach(), w, rtol=0, atol=0)
+    second = sum((g**2).sum() for g in first)
+    message = rf"svdkern::{op} supports first derivatives only"
+    with pytest.raises(RuntimeError, match=message):
+        torch.autograd.grad(second, inputs)
+    # The same through .backward(create_graph=True) and the leaves' .grad.
+    scalar(fn(*inputs)).backward(create_graph=True)
+    with pytest.raises(RuntimeError, match=message):
+        sum((t.grad**2).sum() for t in inputs).backward()
+    for t in inputs:
+        t.grad = None  # .grad refers to the graph that holds t: break the cycle
+
+
+def test_reference_second_derivative_of_orth_loss_is_supported():
+    """The reference (plain PyTorch) differentiates twice; a second derivative through the
+    C++ op raises (above) rather than disagreeing with it."""
+    M = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda m: reference.orth_loss([m]), (M,))
+    for kind in reference.SPARSITY_KINDS:
+        s = (torch.rand(6, dtype=torch.float64) + 0.5).requires_grad_()
+        assert torch.autograd.gradgradcheck(lambda t, k=kind: reference.sparsity_loss([t], k), (s,))
 
 
 def _opcheck_cases():

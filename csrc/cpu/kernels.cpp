@@ -37,6 +37,14 @@ at::Tensor slot(const at::Tensor& flat, int64_t& pos, at::IntArrayRef shape) {
   return view;
 }
 
+// A loss summed in double, as a 0-d tensor of the loss dtype `opts`. A sum beyond fp32's range
+// becomes ±inf (IEEE rounding, as an fp32 accumulation gives), where at::scalar_tensor would
+// refuse to narrow it.
+at::Tensor loss_scalar(double total, const at::TensorOptions& opts) {
+  const bool narrow = opts.dtype() == at::kFloat;
+  return at::scalar_tensor(narrow ? static_cast<double>(static_cast<float>(total)) : total, opts);
+}
+
 int64_t numel_of(at::TensorList ts) {
   int64_t n = 0;
   for (const auto& t : ts) n += t.numel();
@@ -189,15 +197,18 @@ std::tuple<at::Tensor, at::Tensor> orth_loss_forward_cpu(at::TensorList mats) {
     const int64_t r = A.size(1);
     at::Tensor R = slot(residuals, pos, {r, r});  // contiguous r×r
     at::mm_out(R, A.t(), A);
-    double sq = 0.0;
+    // Σ (R_ij / r)² rather than Σ R_ij² / r²: R_ij² can overflow where the loss does not.
+    const double inv_r = 1.0 / static_cast<double>(r);
     AT_DISPATCH_FLOATING_TYPES(R.scalar_type(), "orth_loss", [&] {
       scalar_t* p = R.data_ptr<scalar_t>();
       for (int64_t i = 0; i < r; ++i) p[i * r + i] -= 1;
-      for (int64_t i = 0; i < r * r; ++i) sq += static_cast<double>(p[i]) * p[i];
+      for (int64_t i = 0; i < r * r; ++i) {
+        const double x = static_cast<double>(p[i]) * inv_r;
+        total += x * x;
+      }
     });
-    total += sq / static_cast<double>(r * r);
   }
-  return {at::scalar_tensor(total, mats[0].options().dtype(acc)), residuals};
+  return {loss_scalar(total, mats[0].options().dtype(acc)), residuals};
 }
 
 at::Tensor orth_loss_cpu(at::TensorList mats) { return std::get<0>(orth_loss_forward_cpu(mats)); }
@@ -226,16 +237,35 @@ at::Tensor orth_loss_backward_cpu(const at::Tensor& grad, at::TensorList mats,
   return out;
 }
 
-// Per vector: l1 = ‖s‖₁ and l2 = max(‖s‖₂, tiny), so a zero vector has Hoyer measure 0 and
-// zero gradient. `a` is contiguous in the accumulation dtype.
+// ‖s‖₁ of a (contiguous, in the accumulation dtype).
 template <typename scalar_t>
-std::pair<double, double> norms(const scalar_t* a, int64_t n) {
+double l1_norm(const scalar_t* a, int64_t n) {
+  double l1 = 0.0;
+  for (int64_t i = 0; i < n; ++i) l1 += std::abs(static_cast<double>(a[i]));
+  return l1;
+}
+
+// The norms of t = s / scale, scale = ‖s‖_∞ (1 for a zero vector): the Hoyer measures are
+// scale invariant, h(s) = ‖t‖₁/‖t‖₂, and t's sums neither overflow nor underflow whatever the
+// magnitude of s. l2 = max(‖t‖₂, tiny) (‖t‖₂ ≥ 1 unless s = 0), so a zero vector has Hoyer
+// measure 0 and zero gradient. A NaN or an infinity in s gives NaN, as in the reference.
+struct Scaled {
+  double scale, l1, l2;
+};
+
+template <typename scalar_t>
+Scaled scaled_norms(const scalar_t* a, int64_t n) {
+  double amax = 0.0;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::abs(static_cast<double>(a[i])));
+  const double scale = amax > 0 ? amax : 1.0;
   double l1 = 0.0, sq = 0.0;
   for (int64_t i = 0; i < n; ++i) {
-    l1 += std::abs(static_cast<double>(a[i]));
-    sq += static_cast<double>(a[i]) * a[i];
+    const double t = static_cast<double>(a[i]) / scale;
+    l1 += std::abs(t);
+    sq += t * t;
   }
-  return {l1, std::max(std::sqrt(sq), static_cast<double>(std::numeric_limits<scalar_t>::min()))};
+  const double tiny = std::numeric_limits<scalar_t>::min();
+  return {scale, l1, std::max(std::sqrt(sq), tiny)};
 }
 
 at::Tensor sparsity_loss_cpu(at::TensorList svals, c10::string_view kind) {
@@ -246,12 +276,17 @@ at::Tensor sparsity_loss_cpu(at::TensorList svals, c10::string_view kind) {
   for (const auto& s : svals) {
     const at::Tensor a = s.to(acc).contiguous();
     AT_DISPATCH_FLOATING_TYPES(acc, "sparsity_loss", [&] {
-      const auto [l1, l2] = norms(a.const_data_ptr<scalar_t>(), a.numel());
-      const double h = l1 / l2;
-      total += k == Sparsity::L1 ? l1 : (k == Sparsity::Hoyer ? h : h * h);
+      const scalar_t* pa = a.const_data_ptr<scalar_t>();
+      if (k == Sparsity::L1) {
+        total += l1_norm(pa, a.numel());
+      } else {
+        const Scaled t = scaled_norms(pa, a.numel());
+        const double h = t.l1 / t.l2;
+        total += k == Sparsity::Hoyer ? h : h * h;
+      }
     });
   }
-  return at::scalar_tensor(total, svals[0].options().dtype(acc));
+  return loss_scalar(total, svals[0].options().dtype(acc));
 }
 
 // [ds_0, ds_1, ...] packed.
@@ -270,13 +305,14 @@ at::Tensor sparsity_loss_backward_cpu(const at::Tensor& grad, at::TensorList sva
       const scalar_t* pa = a.const_data_ptr<scalar_t>();
       scalar_t* pd = d.data_ptr<scalar_t>();
       const int64_t n = a.numel();
-      // l1: sign(s). hoyer: d(l1/l2) = (sign − s·(l1/l2)/l2)/l2, ordered so no power of l2
-      // underflows. hoyer_square = (l1/l2)², so d = 2·(l1/l2)·d(l1/l2).
-      const auto [l1, l2] = k == Sparsity::L1 ? std::pair<double, double>{0.0, 1.0} : norms(pa, n);
-      const double h = l1 / l2;
-      const double outer = g * (k == Sparsity::HoyerSquare ? 2 * h : 1.0);
+      // l1: sign(s). hoyer, on t = s/scale: dh/ds = (sign − t·(l1/l2)/l2)/l2 / scale with the
+      // norms of t, ordered so no power of l2 underflows. hoyer_square = h², so d = 2h·dh/ds.
+      const Scaled t = k == Sparsity::L1 ? Scaled{1.0, 0.0, 1.0} : scaled_norms(pa, n);
+      const double l2 = t.l2;
+      const double h = t.l1 / l2;
+      const double outer = g * (k == Sparsity::HoyerSquare ? 2 * h : 1.0) / t.scale;
       for (int64_t i = 0; i < n; ++i) {
-        const double x = pa[i];
+        const double x = pa[i] / t.scale;
         const double sign = static_cast<double>((x > 0) - (x < 0));
         pd[i] = static_cast<scalar_t>(k == Sparsity::L1 ? g * sign
                                                         : outer * (sign - x * (h / l2)) / l2);

@@ -3,7 +3,8 @@
 Forward: a persistent grid over the upper-triangular Gram tiles of every
 matrix (M packed into one buffer, int64 offsets in a problem table). A tile
 computes M[:, I]ᵀ·M[:, J] over all rows, subtracts I on the diagonal, and adds
-its squared sum (×2 off the diagonal, /r²) to the program's total; the
+the squared sum of the tile divided by r (×2 off the diagonal) to the program's
+total (Σ (D/r)², not Σ D²/r²: D² can overflow where the loss does not); the
 per-program totals are summed afterwards (deterministic two-level reduction).
 `orth_loss_forward` also stores the residuals R = MᵀM − I (fp32) for backward.
 
@@ -102,7 +103,7 @@ def _orth_fwd_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """PART[p] = Σ over the Gram tiles of program p of ‖(MᵀM − I)[I, J]‖² · (2 if I≠J) / r².
+    """PART[p] = Σ over the Gram tiles of program p of ‖(MᵀM − I)[I, J] / r‖² · (2 if I≠J).
 
     TABLE (NUM_PROBLEMS × 4, int64): k, r, off, off_res; M (k×r) row-major at
     MATS + off. Tiles of a matrix are the (I, J) pairs of cdiv(r, BLOCK_R)²
@@ -122,7 +123,7 @@ def _orth_fwd_kernel(
         nb = tl.cdiv(r, BLOCK_R)
         tile_start = tile_end
         tile_end = tile_start + nb * nb
-        inv_r2 = 1.0 / (r.to(ACC) * r.to(ACC))
+        inv_r = 1.0 / r.to(ACC)
         while tile < tile_end:
             local = tile - tile_start
             bi = local // nb
@@ -136,8 +137,9 @@ def _orth_fwd_kernel(
                 )  # fmt: skip
                 eye = (offs_i[:, None] == offs_j[None, :]) & (offs_i[:, None] < r)
                 d = gram - tl.where(eye, 1.0, 0.0).to(ACC)
-                weight = tl.where(bj > bi, 2.0, 1.0).to(ACC) * inv_r2
-                total += tl.sum(tl.sum(d * d, axis=1), axis=0) * weight
+                dr = d * inv_r
+                weight = tl.where(bj > bi, 2.0, 1.0).to(ACC)
+                total += tl.sum(tl.sum(dr * dr, axis=1), axis=0) * weight
                 if STORE_RES:
                     res = RES + tl.load(row + 3)
                     mask = (offs_i[:, None] < r) & (offs_j[None, :] < r)

@@ -1,11 +1,15 @@
 """sparsity_loss: Σ_s R(s) over all vectors in one launch, and its backward in one launch.
 
-    l1:            R = ‖s‖₁                        dR/ds = sign(s)
-    hoyer:         R = h = ‖s‖₁ / max(‖s‖₂, tiny)  dh/ds = sign(s)/l2 − [‖s‖₂ ≥ tiny]·‖s‖₁·s/‖s‖₂³
-    hoyer_square:  R = h²                          dR/ds = 2h·dh/ds
+    l1:            R = ‖s‖₁                     dR/ds = sign(s)
+    hoyer:         R = h = ‖t‖₁ / max(‖t‖₂, tiny)
+                   dh/ds = (sign(t)/l2 − [‖t‖₂ ≥ tiny]·‖t‖₁·t/‖t‖₂³) / c
+    hoyer_square:  R = h²                        dR/ds = 2h·dh/ds
 
-tiny is the smallest normal number of the loss dtype, so an all-zero vector has
-R = 0 and zero gradient (as svdkern.reference). Square roots and divisions are
+with t = s/c, c = ‖s‖_∞ (1 for a zero vector): the Hoyer measures are scale
+invariant, and the sums of t neither overflow nor underflow (a first pass over
+the vector finds c). tiny is the smallest normal number of the loss dtype, so an
+all-zero vector has R = 0 and zero gradient (as svdkern.reference). An L1 sum
+beyond the loss dtype's range is inf. Square roots and divisions are
 correctly rounded (tl.sqrt_rn, tl.div_rn in fp32; fp64's are IEEE already): the
 GPU's default fp32 forms (sqrt.approx.ftz, div.full) are a few ulp off and flush a
 subnormal ‖s‖₂² to zero. The vectors are packed into one
@@ -37,13 +41,30 @@ _BLOCK = 1024
 
 
 @triton.jit
-def _norms(S, start, end, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """(‖s‖₁, ‖s‖₂²) of S[start:end] in ACC."""
+def _scale(S, start, end, SCALED: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """c = ‖s‖_∞ of S[start:end] in ACC (1 for a zero vector, or when not SCALED)."""
+    c = tl.full((), 1.0, ACC)
+    if SCALED:
+        amax = tl.zeros((BLOCK,), dtype=ACC)
+        for i in range(start, end, BLOCK):
+            offs = i + tl.arange(0, BLOCK)
+            x = tl.load(S + offs, mask=offs < end, other=0.0).to(ACC)
+            amax = tl.maximum(amax, tl.abs(x))
+        m = tl.max(amax, axis=0)
+        c = tl.where(m > 0, m, c)
+    return c
+
+
+@triton.jit
+def _norms(S, start, end, c, SCALED: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """(‖t‖₁, ‖t‖₂²) of t = S[start:end] / c (t = s when not SCALED) in ACC."""
     l1 = tl.zeros((BLOCK,), dtype=ACC)
     sq = tl.zeros((BLOCK,), dtype=ACC)
     for i in range(start, end, BLOCK):
         offs = i + tl.arange(0, BLOCK)
         x = tl.load(S + offs, mask=offs < end, other=0.0).to(ACC)
+        if SCALED:
+            x = _div(x, c, ACC)
         l1 += tl.abs(x)
         sq += x * x
     return tl.sum(l1, axis=0), tl.sum(sq, axis=0)
@@ -76,7 +97,10 @@ def _sparsity_fwd_kernel(
     pid = tl.program_id(0)
     total = tl.zeros((1,), dtype=ACC)
     for g in range(pid, NUM_VECS, tl.num_programs(0)):
-        l1, sq = _norms(S, tl.load(OFFS + g), tl.load(OFFS + g + 1), ACC, BLOCK)
+        start = tl.load(OFFS + g)
+        end = tl.load(OFFS + g + 1)
+        c = _scale(S, start, end, KIND != 0, ACC, BLOCK)
+        l1, sq = _norms(S, start, end, c, KIND != 0, ACC, BLOCK)
         if KIND == 0:
             total += l1
         else:
@@ -107,7 +131,8 @@ def _sparsity_bwd_kernel(
     for g in range(pid, NUM_VECS, tl.num_programs(0)):
         start = tl.load(OFFS + g)
         end = tl.load(OFFS + g + 1)
-        l1, sq = _norms(S, start, end, ACC, BLOCK)
+        c = _scale(S, start, end, KIND != 0, ACC, BLOCK)
+        l1, sq = _norms(S, start, end, c, KIND != 0, ACC, BLOCK)
         norm = _sqrt(sq, ACC)
         l2 = tl.maximum(norm, tiny)
         h = _div(l1, l2, ACC)
@@ -122,9 +147,11 @@ def _sparsity_bwd_kernel(
             if KIND == 0:
                 d = sign
             else:
-                d = _div(sign, l2, ACC) - hl * _div(x, l2, ACC)
+                t = _div(x, c, ACC)
+                d = _div(sign, l2, ACC) - hl * _div(t, l2, ACC)
                 if KIND == 2:
                     d = 2.0 * h * d
+                d = _div(d, c, ACC)
             tl.store(OUT + offs, (grad * d).to(OUT.dtype.element_ty), mask=mask)
 
 
