@@ -57,7 +57,7 @@ def _resolve(*argv: str) -> dict:
 def test_adaptive_defaults_epochs_add_up_to_the_dense_epochs():
     cfg = _resolve("--method", "svd-adaptive")
     assert cfg["svd_epochs"] + cfg["finetune_epochs"] == cfg["dense_epochs"] == 30
-    assert cfg["compile"] is None and cfg["cut_energy"] == 0.05 and cfg["cut_every"] == 2
+    assert cfg["compile"] is None and cfg["cut_energy"] == 0.1 and cfg["cut_every"] == 1
     assert not cfg["tune_forms"]  # digits: tuning costs more than it saves
     cifar = ["--method", "svd-adaptive", "--data", "cifar10", "--data-dir", "d"]
     assert _resolve(*cifar)["tune_forms"] and not _resolve("--data", "cifar10")["tune_forms"]
@@ -214,6 +214,22 @@ def test_every_process_applies_the_ranks_and_forms_process_0_decided(tmp_path, m
     assert {name: m.rank for name, m in svd_layers(model)} == decided
     assert memory_format_of(model) == "channels_last"
     assert pipe.info["forms_in_force"]["memory_format"] == "channels_last"
+
+
+def test_cut_reports_the_macs_flops_counts_without_a_new_forward(tmp_path):
+    import svdkern
+    from svdkern.train import loop
+
+    cfg = _resolve(*ADAPTIVE, "--no-tune-forms", "--out", str(tmp_path / "run"))
+    pipe = loop.Pipeline(cfg, loop.Env(0, 1, torch.device("cpu")))
+    model = pipe.start_model("adaptive")
+    opt = loop._make_optimizer(model.parameters(), cfg)
+    for _ in range(2):  # the second cut reuses the shapes recorded by the first
+        pipe._cut(model, opt, loop.PHASES["adaptive"], 0)
+        fl = svdkern.flops(model, pipe.input_shape)
+        cut = pipe.info["cuts"][-1]
+        assert cut["macs_after"] == fl.compressed_macs
+        assert cut["flops_ratio"] == pytest.approx(fl.compressed_macs / fl.dense_macs)
 
 
 def test_orth_scale_amortizes_the_orthogonality_term(monkeypatch):
