@@ -168,17 +168,21 @@ def _fake_measure(lowrank_faster: dict[tuple[int, int], bool]):
     return measure
 
 
-def _fake_model_times(deployed_ms: list[float]):
-    """A stand-in for the whole-model check: the deployed model takes `deployed_ms` at the
-    examples, the all-dense one 1 ms at each; records the examples it was given."""
+def _fake_model_times(ms: dict[str, list[float]]):
+    """A stand-in for the whole-model timing: each candidate ("latency", "flops", "dense")
+    takes the given ms at the examples; records the examples it was given."""
     seen = []
 
     def time_models(models, examples, repeats=5):
+        assert set(models) == {"latency", "flops", "dense"}
         seen.append([tuple(args[0].shape) for args, _ in examples])
-        return {"deployed": list(deployed_ms), "dense": [1.0] * len(deployed_ms)}
+        return {name: list(ms[name]) for name in models}
 
     time_models.seen = seen
     return time_models
+
+
+FASTEST_LATENCY = {"latency": [0.5, 0.5], "flops": [0.9, 0.9], "dense": [1.0, 1.0]}
 
 
 def test_compress_latency_policy_deploys_the_pair_only_where_it_is_faster_at_every_batch(
@@ -188,41 +192,47 @@ def test_compress_latency_policy_deploys_the_pair_only_where_it_is_faster_at_eve
     model = nn.Sequential(SVDLinear(16, 16, rank=2), SVDLinear(16, 16, rank=3))
     faster = {(2, 1): True, (2, 8): True, (3, 1): True, (3, 8): False}
     monkeypatch.setattr(svdkern.tune, "_measure", _fake_measure(faster))
-    monkeypatch.setattr(svdkern.tune, "time_models", _fake_model_times([0.9, 0.9]))
+    monkeypatch.setattr(svdkern.tune, "time_models", _fake_model_times(FASTEST_LATENCY))
     plain = svdkern.compress(model, "latency", [(1, 16), (8, 16)])
     assert isinstance(plain[0], nn.Sequential)  # faster at batch 1 and 8
     assert type(plain[1]) is nn.Linear  # slower at batch 8
-    monkeypatch.setattr(svdkern.tune, "time_models", _fake_model_times([0.9]))
+    one = {name: ms[:1] for name, ms in FASTEST_LATENCY.items()}
+    monkeypatch.setattr(svdkern.tune, "time_models", _fake_model_times(one))
     single = svdkern.compress(model, "latency", (1, 16))
     assert isinstance(single[1], nn.Sequential)
     svdkern.clear_tune_cache()
 
 
-@pytest.mark.parametrize("deployed_ms", [[0.99, 1.01], [1.2, 0.5]])
-def test_compress_latency_policy_falls_back_to_dense_when_the_whole_model_is_slower(
-    monkeypatch, deployed_ms
+@pytest.mark.parametrize(
+    "ms, chosen",
+    [
+        # Each rule's model is slower than dense at one batch: all dense.
+        ({"latency": [0.99, 1.01], "flops": [1.2, 0.5], "dense": [1.0, 1.0]}, "dense"),
+        # The MAC rule's model is the fastest and nowhere slower: it is kept.
+        ({"latency": [0.9, 0.95], "flops": [0.8, 0.7], "dense": [1.0, 1.0]}, "flops"),
+        # Faster on average but slower at one batch does not count.
+        ({"latency": [0.99, 0.98], "flops": [0.3, 1.05], "dense": [1.0, 1.0]}, "latency"),
+    ],
+    ids=["dense", "flops", "latency"],
+)
+def test_compress_latency_policy_keeps_the_fastest_whole_model_never_slower_than_dense(
+    monkeypatch, ms, chosen
 ):
     svdkern.clear_tune_cache()
+    # Layer 0 (rank 2) measured faster alone: "latency" has a pair there, "flops" has
+    # pairs at both layers (rank 2 and 3 of 16: fewer MACs), "dense" none.
     model = nn.Sequential(SVDLinear(16, 16, rank=2), SVDLinear(16, 16, rank=3))
     monkeypatch.setattr(svdkern.tune, "_measure", _fake_measure({(2, 1): True, (2, 8): True}))
-    timer = _fake_model_times(deployed_ms)
+    timer = _fake_model_times(ms)
     monkeypatch.setattr(svdkern.tune, "time_models", timer)
     plain = svdkern.compress(model, "latency", [(1, 16), (8, 16)])
     assert timer.seen == [[(1, 16), (8, 16)]]  # timed at every given shape
-    assert all(type(m) is nn.Linear for m in plain)  # slower at one batch: all dense
+    pairs = [isinstance(m, nn.Sequential) for m in plain]
+    assert (
+        pairs == {"dense": [False, False], "flops": [True, True], "latency": [True, False]}[chosen]
+    )
     x = torch.randn(3, 16)
     torch.testing.assert_close(plain(x), model(x))
-    svdkern.clear_tune_cache()
-
-
-def test_compress_latency_policy_skips_the_model_check_when_every_layer_is_dense(monkeypatch):
-    svdkern.clear_tune_cache()
-    model = nn.Sequential(SVDLinear(16, 16, rank=2))
-    monkeypatch.setattr(svdkern.tune, "_measure", _fake_measure({}))
-    timer = _fake_model_times([1.0])
-    monkeypatch.setattr(svdkern.tune, "time_models", timer)
-    plain = svdkern.compress(model, "latency", (1, 16))
-    assert type(plain[0]) is nn.Linear and timer.seen == []
     svdkern.clear_tune_cache()
 
 
