@@ -164,6 +164,15 @@ class SVDLayer(nn.Module):
         return self._weight_from_matrix(self._matrix())
 
     @torch.no_grad()
+    def _filled(self, dense: nn.Module) -> nn.Module:
+        """`dense` (a new module of the dense layer's kind) given this layer's weight
+        U·diag(s)·Vᵀ, bias and train/eval mode."""
+        dense.weight.copy_(self.weight)
+        if self.bias is not None:
+            dense.bias.copy_(self.bias)
+        return dense.train(self.training)
+
+    @torch.no_grad()
     def _init_from_weight(self, weight: torch.Tensor) -> None:
         """Set U, s, V to the top-`rank` factors of an exact float64 SVD of `weight`."""
         U, s, V = _svd64(self._matrix_from_weight(weight))

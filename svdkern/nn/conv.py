@@ -258,21 +258,19 @@ class _SVDConvNd(SVDLayer):
     @torch.no_grad()
     def to_dense(self) -> nn.Module:
         """The dense conv with weight U·diag(s)·Vᵀ (reshaped), same bias and geometry."""
-        dense = self._dense_type(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.dilation,
-            bias=self.bias is not None,
-            device=self.U.device,
-            dtype=self.U.dtype,
+        return self._filled(
+            self._dense_type(
+                self.in_channels,
+                self.out_channels,
+                self.kernel_size,
+                self.stride,
+                self.padding,
+                self.dilation,
+                bias=self.bias is not None,
+                device=self.U.device,
+                dtype=self.U.dtype,
+            )
         )
-        dense.weight.copy_(self.weight)
-        if self.bias is not None:
-            dense.bias.copy_(self.bias)
-        return dense.train(self.training)
 
     @torch.no_grad()
     def to_lowrank(self) -> nn.Sequential:

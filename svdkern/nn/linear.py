@@ -161,13 +161,11 @@ class SVDLinear(SVDLayer):
     @torch.no_grad()
     def to_dense(self) -> nn.Linear:
         """nn.Linear with weight U·diag(s)·Vᵀ and the same bias."""
-        dense = nn.Linear(
-            self._n, self._m, self.bias is not None, device=self.U.device, dtype=self.U.dtype
+        return self._filled(
+            nn.Linear(
+                self._n, self._m, self.bias is not None, device=self.U.device, dtype=self.U.dtype
+            )
         )
-        dense.weight.copy_(self.weight)
-        if self.bias is not None:
-            dense.bias.copy_(self.bias)
-        return dense.train(self.training)
 
     @torch.no_grad()
     def to_lowrank(self) -> nn.Sequential:
