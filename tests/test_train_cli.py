@@ -200,6 +200,8 @@ def test_command_line_flag_overrides_an_exclusive_config_key(tmp_path):
             "argument --config: keys 'dense-epochs' and 'dense_epochs' in .* set the same flag",
         ),
         (["--lr", "-5"], "argument --lr: must be > 0, got -5"),
+        (["--compile", "nosuch"], "argument --compile: unknown torch.compile backend 'nosuch'"),
+        (["--compile="], "argument --compile: unknown torch.compile backend ''"),
         (["--seed", "-1"], "argument --seed: must be >= 0"),
         (["--seed", str(2**32)], r"argument --seed: must be < 2\*\*32"),
         (["--milestones", "0.5,0.5"], "argument --milestones: expected increasing"),

@@ -150,6 +150,18 @@ def _milestones(text: str) -> list[float]:
     return values
 
 
+def _compile_backend(text: str) -> str:
+    """A torch.compile backend torch knows (checked here, not at the first training step)."""
+    import torch._dynamo
+
+    if text not in torch._dynamo.list_backends(exclude_tags=()):
+        common = ", ".join(torch._dynamo.list_backends())  # without debug/experimental ones
+        raise argparse.ArgumentTypeError(
+            f"unknown torch.compile backend {text!r}; use one of {common}"
+        )
+    return text
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """Declare every flag of `svdkern train` on `p`."""
     g = p.add_argument_group("run")
@@ -270,6 +282,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--compile",
         nargs="?",
         const="inductor",
+        type=_compile_backend,
         metavar="BACKEND",
         help="train with torch.compile(model, backend=BACKEND) (default backend inductor); "
         "a rank cut recompiles once (--multiple-of bounds the distinct ranks)",
