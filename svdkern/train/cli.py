@@ -389,6 +389,6 @@ def compare_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         print(report.compare(args.runs, args.plot))
-    except (FileNotFoundError, report.ReportError) as exc:
+    except FileNotFoundError as exc:
         parser.error(str(exc))
     return 0
