@@ -264,9 +264,6 @@ def test_every_bit_flip_in_a_checkpoint_is_refused(tmp_path, seed):
         checkpoint.load(path)
 
 
-@pytest.mark.skipif(
-    not hasattr(config, "check_saved"), reason="config.check_saved is not there yet"
-)
 def test_resume_rechecks_the_saved_config_at_once(copy_of_stopped, capsys):
     path = copy_of_stopped / "checkpoint.pt"
     state = checkpoint.load(path)

@@ -173,11 +173,8 @@ _CHECKPOINT_KEYS += ("results", "info")
 
 def _check_saved(parser: argparse.ArgumentParser, cfg: dict, source: Path) -> dict:
     """Re-validate a saved configuration as the command line would, before any loading."""
-    check = getattr(config, "check_saved", None)
-    if check is None:
-        return cfg
     try:
-        return check(cfg, str(source))
+        return config.check_saved(cfg, str(source))
     except config.ConfigError as exc:
         parser.error(f"argument --resume: {exc}")
 
