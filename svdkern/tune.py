@@ -15,13 +15,19 @@ Timing: each candidate is warmed up, then `repeats` rounds time every candidate 
 times enough calls to last ≥ 2 ms; the median round decides. A training choice is
 written into the layer (`layer.set_form`), which `mode="auto"` then follows; a layer
 never tuned keeps the MAC rule. Inference choices are only reported: they decide what
-`compress(policy="latency")` deploys. Results are cached per (layer geometry, rank, input shape,
-input-requires-grad, device, dtype, threads, training), so after a rank cut only the
-layers whose rank changed are timed again, and equal layers are timed once.
+`compress(policy="latency")` deploys. Results are cached per (layer geometry, rank, input
+shape, input-requires-grad, input layout, device, dtype, threads, training), so after a
+rank cut only the layers whose rank changed are timed again, and equal layers are timed
+once.
+
+The activations' memory format is a form too: with `memory_format="auto"` the layers are
+tuned under NCHW and under channels-last (each on a copy of the model), a whole model step
+is timed in each layout, and channels-last is kept (`set_memory_format`) only when ≥ 5%
+faster. `time_models` times whole models the same interleaved way (used by `compress`).
 
 Example::
 
-    report = svdkern.tune_forms(model, torch.randn(32, 3, 32, 32), training=True)
+    report = svdkern.tune_forms(model, torch.randn(32, 3, 32, 32), memory_format="auto")
     print(report)                          # per layer: times of every form, the choice
     svdkern.prune(model, energy=1e-3, optimizer=opt)
     svdkern.tune_forms(model, x)           # re-times only the layers that changed
