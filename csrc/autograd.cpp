@@ -18,7 +18,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <string>
+#include <type_traits>
+#include <utility>
 
 #include "packed.h"
 
@@ -48,6 +51,26 @@ std::vector<TensorVec> split(const variable_list& flat, std::initializer_list<si
 
 bool requires_grad(const Tensor& t) { return t.defined() && t.requires_grad(); }
 
+// Autograd nodes are held by std::shared_ptr up to torch 2.11 and by c10::intrusive_ptr in later
+// versions: the holder is whatever create_gradient_edge takes, and make_node builds one.
+template <typename F>
+struct second_parameter;
+template <typename R, typename A, typename B>
+struct second_parameter<R (*)(A, B)> {
+  using type = std::decay_t<B>;
+};
+using NodeHolder =
+    typename second_parameter<decltype(&torch::autograd::create_gradient_edge)>::type;
+
+template <typename N, typename... Args>
+NodeHolder make_node(Args&&... args) {
+  if constexpr (std::is_same_v<NodeHolder, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<N>(std::forward<Args>(args)...);
+  } else {
+    return c10::make_intrusive<N>(std::forward<Args>(args)...);
+  }
+}
+
 // The gradients `out` that a backward of `op` computed (below autograd). Under create_graph=True
 // (grad mode on during the backward) with anything differentiable among the upstream
 // gradients and the saved inputs, each gradient gets as grad_fn an Error node whose edges lead
@@ -60,7 +83,7 @@ variable_list first_order_only(const char* op, const variable_list& upstream,
        std::none_of(saved.begin(), saved.end(), requires_grad))) {
     return out;
   }
-  auto error = c10::make_intrusive<torch::autograd::Error>(
+  auto error = make_node<torch::autograd::Error>(
       std::string("svdkern::") + op +
           " supports first derivatives only: its backward is not differentiable, so a second "
           "derivative through it (differentiating a gradient computed with create_graph=True) "
