@@ -29,7 +29,11 @@ TIME_COLUMNS = ("ms", "median_ms")
 # Columns that, with the op, describe a row's problem (in this order) when it has no `case`.
 # What a row of each result measures, for CSVs whose rows carry no `op` column.
 OPS = {"deploy_cpu": "deployed forward", "e2e_cpu": "training run"}
-SHAPE_COLUMNS = ("scenario", "method", "batch", "rows", "m", "n", "r", "rho", "mode_form")
+# Columns shown after the fixed ones, for results whose rows are more than a time.
+EXTRA_COLUMNS = {"e2e_cpu": ("accuracy", "macs"), "deploy_cpu": ("macs",)}
+SHAPE_COLUMNS = (
+    "scenario", "method", "seed", "batch", "rows", "m", "n", "r", "rho", "mode_form"
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -132,9 +136,9 @@ TARGETS: list[Target] = [
            1.0, provider="compress-latency", column="vs_dense",
            group_by=("scenario", "rho", "batch"), platform="CPU"),
     # The main job end to end (`svdkern train`, default data and model, one run per method)
-    Target("svd-adaptive train_seconds ≤ 1.0× dense (same run)", "e2e_cpu",
+    Target("svd-adaptive train_seconds ≤ 1.0× dense (same run), seeds 0-2", "e2e_cpu",
            {"method": "svd-adaptive"}, 1.0, provider="adaptive", column="vs_dense",
-           platform="CPU"),
+           group_by=("seed",), platform="CPU"),
 ]  # fmt: skip
 
 
@@ -293,17 +297,20 @@ def normalize(row: dict, stem: str = "") -> dict:
 
 
 def result_table(rows: list[dict], baseline: str, stem: str = "") -> list[str]:
-    """Rows with ratio = ms / ms of `baseline` for the same op, shape and dtype."""
+    """Rows with ratio = ms / ms of `baseline` for the same op, shape and dtype, then the
+    result's `EXTRA_COLUMNS`."""
     norm = [normalize(r, stem) for r in rows]
     base = {(n["op"], n["shape"], n["dtype"]): n["ms"] for n in norm if n["provider"] == baseline}
-    lines = ["| op | shape | dtype | provider | ms | ratio |", "|---|---|---|---|---|---|"]
-    for n in norm:
+    extra = EXTRA_COLUMNS.get(stem, ())
+    header = ["op", "shape", "dtype", "provider", "ms", "ratio", *extra]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row, n in zip(rows, norm, strict=True):
         b = base.get((n["op"], n["shape"], n["dtype"]))
         ratio = f"{n['ms'] / b:.3g}" if b and n["ms"] is not None else ""
         ms = "" if n["ms"] is None else _fmt(str(n["ms"]))
-        lines.append(
-            f"| {n['op']} | {n['shape']} | {n['dtype']} | {n['provider']} | {ms} | {ratio} |"
-        )
+        cells = [n["op"], n["shape"], n["dtype"], n["provider"], ms, ratio]
+        cells += [_fmt(row.get(col, "")) for col in extra]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 

@@ -6,8 +6,9 @@ Models: the digits CNN (the default model of `svdkern train`) and ResNet-20 (CIF
 input), every decomposed layer cut to max(1, round(rho · full rank)); latency does not
 depend on the weights' values. Target: policy "latency" never slower than dense.
 Rows go to bench/results/deploy_cpu.csv (providers dense, dense-copy, compress-latency,
-compress-flops) with vs_dense = ms / dense ms at the same batch; dense-copy, a deep copy of
-the dense model, shows how far two identical models measure apart.
+compress-flops) with vs_dense = ms / dense ms at the same batch and the model's MACs per
+sample (equal to dense where policy "latency" kept every layer dense); dense-copy, a deep
+copy of the dense model, shows how far two identical models measure apart.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def test_deployed_latency(benchmark, name, shape, rho):
         "compress-latency": svdkern.compress(model, "latency", shapes).eval(),
         "compress-flops": svdkern.compress(model, "flops", (1, *shape)).eval(),
     }
+    macs = {p: svdkern.flops(m, (1, *shape)).total_macs for p, m in deployed.items()}
     rows = []
 
     def measure():
@@ -67,6 +69,7 @@ def test_deployed_latency(benchmark, name, shape, rho):
                         "provider": provider,
                         "median_ms": value,
                         "vs_dense": value / ms["dense"],
+                        "macs": macs[provider],
                         "threads": torch.get_num_threads(),
                     }
                 )

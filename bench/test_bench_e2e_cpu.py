@@ -1,12 +1,14 @@
 """End-to-end wall-clock of the main job (`make bench`): `svdkern train` once per method
-on the default data and model, each run training its own dense baseline.
+on the default data and model, each run training its own dense baseline; svd-adaptive
+once per seed 0, 1, 2 (its targets are per seed).
 
 Rows (bench/results/e2e_cpu.csv), one per model of each run's report: train_seconds (the
 wall-clock of all the training that produced the model, `models.<name>.train_seconds`),
 vs_dense = train_seconds / the same run's dense train_seconds, test accuracy, MACs as
-deployed, and the deployed model's latency at batch 1 and 256. Runs are sequential (one
-run cannot interleave with another), so each ratio compares phases of one process on one
-machine state; the absolute seconds of different runs are comparable only roughly.
+deployed, and the deployed model's latency at batch 1 and 256, with the run's seed. Runs
+are sequential (one run cannot interleave with another), so each ratio compares phases of
+one process on one machine state; the absolute seconds of different runs are comparable
+only roughly.
 """
 
 from __future__ import annotations
@@ -23,13 +25,17 @@ import torch
 from bench.conftest import SMOKE
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("svd-adaptive",) if SMOKE else ("svd", "svd-adaptive", "trp")
+CASES = (
+    [("svd-adaptive", 0)]
+    if SMOKE
+    else [("svd", 0), ("svd-adaptive", 0), ("svd-adaptive", 1), ("svd-adaptive", 2), ("trp", 0)]
+)
 # The smoke run checks the plumbing on tiny synthetic data and a few epochs.
 SMOKE_ARGS = ["--data", "synthetic", "--dense-epochs", "2", "--finetune-epochs", "1"]
 
 
-def _train(method: str, out: Path) -> dict:
-    args = ["--method", method, "--out", str(out), "--quiet", "--seed", "0"]
+def _train(method: str, seed: int, out: Path) -> dict:
+    args = ["--method", method, "--out", str(out), "--quiet", "--seed", str(seed)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     run = subprocess.run(
         [sys.executable, "-m", "svdkern", "train", *args, *(SMOKE_ARGS if SMOKE else [])],
@@ -43,14 +49,14 @@ def _train(method: str, out: Path) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_end_to_end(benchmark, method, tmp_path):
+@pytest.mark.parametrize("method, seed", CASES, ids=[f"{m}-seed{s}" for m, s in CASES])
+def test_end_to_end(benchmark, method, seed, tmp_path):
     doc: dict = {}
 
     def once():
-        doc.update(_train(method, tmp_path / method))
+        doc.update(_train(method, seed, tmp_path / method))
 
-    benchmark.group = f"e2e-{method}"
+    benchmark.group = f"e2e-{method}-seed{seed}"
     benchmark.pedantic(once, rounds=1, warmup_rounds=0)
     models = doc["models"]
     dense_s = models["dense"]["train_seconds"]
@@ -61,6 +67,7 @@ def test_end_to_end(benchmark, method, tmp_path):
             {
                 "scenario": "digits-cnn" if not SMOKE else "synthetic",
                 "method": method,
+                "seed": seed,
                 "provider": name,
                 "train_seconds": result["train_seconds"],
                 "vs_dense": result["train_seconds"] / dense_s,

@@ -34,7 +34,7 @@ from bench.steps import DENSE_PROVIDERS, RANK_PROVIDERS, make_step, scenario, st
 # The smoke run (tests) only checks that every provider builds and steps: one small case.
 CASES = [("mlp-stack-32-2", 4)] if SMOKE else [("resnet20", 32), ("mlp-stack-1024-4", 512)]
 RHOS = (0.25,) if SMOKE else (1.0, 0.5, 0.25, 0.1)
-ROUNDS = 1 if SMOKE else 15
+ROUNDS = 1 if SMOKE else 25
 
 
 def _rows(name: str, batch: int, times: dict[tuple[str, float], list[float]]) -> list[dict]:

@@ -112,6 +112,28 @@ def test_report_tables_have_the_fixed_columns():
     assert lines[3] == "| train step | a batch=8 | bf16 | svdkern | 3 | 1.5 |"
 
 
+def test_training_run_table_shows_seed_accuracy_and_macs_and_worst_seed():
+    from bench.make_report import TARGETS, evaluate, result_table
+
+    meta = {"device": "cpu", "torch": "2.13", "triton": "3.9", "git_sha": "x", "date": "d"}
+    rows = [
+        {"scenario": "digits-cnn", "method": "svd-adaptive", "seed": str(seed), "provider": p,
+         "train_seconds": str(t), "vs_dense": str(t / 10), "accuracy": "0.99", "macs": str(m),
+         **meta}
+        for seed, t_adaptive in ((0, 9.0), (1, 10.5), (2, 8.0))
+        for p, t, m in (("dense", 10.0, 1189504), ("adaptive", t_adaptive, 201024))
+    ]  # fmt: skip
+    lines = result_table(rows, "dense", "e2e_cpu")
+    assert lines[0] == "| op | shape | dtype | provider | ms | ratio | accuracy | macs |"
+    assert lines[3] == (
+        "| training run | digits-cnn method=svd-adaptive seed=0 |  | adaptive | 9000 | 0.9 "
+        "| 0.99 | 201024 |"
+    )
+    (target,) = [t for t in TARGETS if t.csv == "e2e_cpu"]
+    (o,) = evaluate(target, {"e2e_cpu": rows})
+    assert (o.ratio, o.met, o.group) == (1.05, False, "1")
+
+
 def test_results_csv_widens_when_a_benchmark_gains_a_column(tmp_path, monkeypatch):
     import csv
 

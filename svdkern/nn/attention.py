@@ -57,6 +57,24 @@ def _dense_parts(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return module.weight, module.bias
 
 
+def _mha_config(module: nn.Module, bias: bool, like: torch.Tensor) -> dict:
+    """The constructor arguments nn.MultiheadAttention and SVDMultiheadAttention share, read
+    from either; `bias` and the device and dtype (of `like`) are the caller's."""
+    return {
+        "embed_dim": module.embed_dim,
+        "num_heads": module.num_heads,
+        "dropout": module.dropout,
+        "bias": bias,
+        "add_bias_kv": module.bias_k is not None,
+        "add_zero_attn": module.add_zero_attn,
+        "kdim": module.kdim,
+        "vdim": module.vdim,
+        "batch_first": module.batch_first,
+        "device": like.device,
+        "dtype": like.dtype,
+    }
+
+
 class SVDMultiheadAttention(nn.Module):
     """Multi-head attention as nn.MultiheadAttention computes it, with its projections
     kept as SVD layers.
@@ -211,17 +229,7 @@ class SVDMultiheadAttention(nn.Module):
         out_weight = mha.out_proj.weight
         with _uninitialized():
             layer = cls(
-                mha.embed_dim,
-                mha.num_heads,
-                mha.dropout,
-                bias=mha.in_proj_bias is not None,
-                add_bias_kv=mha.bias_k is not None,
-                add_zero_attn=mha.add_zero_attn,
-                kdim=mha.kdim,
-                vdim=mha.vdim,
-                batch_first=mha.batch_first,
-                device=out_weight.device,
-                dtype=out_weight.dtype,
+                **_mha_config(mha, mha.in_proj_bias is not None, out_weight),
                 in_proj=in_proj,
                 mode=mode,
             )
@@ -249,19 +257,7 @@ class SVDMultiheadAttention(nn.Module):
     def to_dense(self) -> nn.MultiheadAttention:
         """An nn.MultiheadAttention computing the same function (weights composed)."""
         out_weight, out_bias = _dense_parts(self.out_proj)
-        mha = nn.MultiheadAttention(
-            self.embed_dim,
-            self.num_heads,
-            self.dropout,
-            bias=out_bias is not None,
-            add_bias_kv=self.bias_k is not None,
-            add_zero_attn=self.add_zero_attn,
-            kdim=self.kdim,
-            vdim=self.vdim,
-            batch_first=self.batch_first,
-            device=out_weight.device,
-            dtype=out_weight.dtype,
-        )
+        mha = nn.MultiheadAttention(**_mha_config(self, out_bias is not None, out_weight))
         if self._qkv_same_embed_dim:
             mha.in_proj_weight.copy_(self.in_proj_weight)
         else:
