@@ -168,17 +168,21 @@ def _fake_measure(lowrank_faster: dict[tuple[int, int], bool]):
     return measure
 
 
-def _fake_model_times(ms: dict[str, list[float]]):
-    """A stand-in for the whole-model timing: each candidate ("latency", "flops", "dense")
-    takes the given ms at the examples; records the examples it was given."""
-    seen = []
+def _fake_model_times(*calls: dict[str, list[float]]):
+    """A stand-in for the whole-model timing: at its i-th call each model ("latency",
+    "flops", "dense") takes calls[i] ms at the examples (the last entry from then on);
+    records the models and the examples it was given."""
+    seen, models_seen = [], []
 
     def time_models(models, examples, repeats=5):
-        assert set(models) == {"latency", "flops", "dense"}
+        assert set(models) <= {"latency", "flops", "dense"} and "dense" in models
+        ms = calls[min(len(seen), len(calls) - 1)]
         seen.append([tuple(args[0].shape) for args, _ in examples])
+        models_seen.append(sorted(models))
         return {name: list(ms[name]) for name in models}
 
     time_models.seen = seen
+    time_models.models = models_seen
     return time_models
 
 
@@ -226,13 +230,31 @@ def test_compress_latency_policy_keeps_the_fastest_whole_model_never_slower_than
     timer = _fake_model_times(ms)
     monkeypatch.setattr(svdkern.tune, "time_models", timer)
     plain = svdkern.compress(model, "latency", [(1, 16), (8, 16)])
-    assert timer.seen == [[(1, 16), (8, 16)]]  # timed at every given shape
+    # Timed at every given shape; a winner other than dense is timed again against dense.
+    assert timer.seen == [[(1, 16), (8, 16)]] * (1 if chosen == "dense" else 2)
+    assert timer.models[1:] == ([] if chosen == "dense" else [sorted((chosen, "dense"))])
     pairs = [isinstance(m, nn.Sequential) for m in plain]
     assert (
         pairs == {"dense": [False, False], "flops": [True, True], "latency": [True, False]}[chosen]
     )
     x = torch.randn(3, 16)
     torch.testing.assert_close(plain(x), model(x))
+    svdkern.clear_tune_cache()
+
+
+def test_compress_latency_policy_keeps_dense_when_the_second_timing_does_not_confirm(
+    monkeypatch,
+):
+    svdkern.clear_tune_cache()
+    model = nn.Sequential(SVDLinear(16, 16, rank=2), SVDLinear(16, 16, rank=3))
+    monkeypatch.setattr(svdkern.tune, "_measure", _fake_measure({(2, 1): True, (2, 8): True}))
+    first = {"latency": [0.9, 0.95], "flops": [0.8, 0.7], "dense": [1.0, 1.0]}
+    again = {"latency": [0.9, 0.95], "flops": [1.02, 0.7], "dense": [1.0, 1.0]}
+    timer = _fake_model_times(first, again)
+    monkeypatch.setattr(svdkern.tune, "time_models", timer)
+    plain = svdkern.compress(model, "latency", [(1, 16), (8, 16)])
+    assert timer.models == [["dense", "flops", "latency"], ["dense", "flops"]]
+    assert [type(m) for m in plain] == [nn.Linear, nn.Linear]
     svdkern.clear_tune_cache()
 
 
