@@ -30,8 +30,8 @@ aims at):
 With an example input (input_shape, or example_inputs and example_kwargs) the report also
 gives the model's total as torch.utils.flop_counter.FlopCounterMode counts it for that same
 forward (FLOPs / 2; run in eval mode, without gradients, SVD layers as their chains, the
-MultiheadAttention fast path off, and with `svdkern.layers.FLOP_FORMULAS` for the ops
-FlopCounterMode has no formula for: svdkern's chain and the CPU attention kernel) and
+MultiheadAttention fast path off, with the FLOP formulas svdkern registers for its own
+ops and `svdkern.layers.FLOP_FORMULAS` for the CPU attention kernel) and
 splits it: counted layers (= `svd_macs`), of which layers read through .weight,
 attention matmuls (activation × activation: QKᵀ, AV, sdpa), and other ops (layers svdkern
 does not count, by op). Embeddings, norms, activations and pooling have no MACs in
@@ -252,12 +252,17 @@ def flops(
     # Layers read through .weight or .bias: dense in every form (MACs measured; 0 for a
     # read of an attribute such as .weight.dtype that no op follows).
     reads = {} if trace is None else {n: trace.weight_reads.get(n, 0) for n in trace.reasons}
+    # Products of a layer's weights alone (the compose of an SVD layer's W for such a read):
+    # a cost of the SVD form only.
+    weight_ops = {} if trace is None else trace.weight_ops
     modules = dict(model.named_modules())
     params = sum(p.numel() for p in model.parameters())
     shape = None if input_shape is None else tuple(input_shape)
     report = FlopsReport(shape, params, params, params, 0, 0, 0)
     for name, calls in shapes.items():
-        layer = _layer_flops(name, modules[name], calls, reads.get(name))
+        layer = _layer_flops(
+            name, modules[name], calls, reads.get(name), weight_ops.get(name, 0)
+        )
         report.dense_params += layer.dense_params - layer.svd_params
         report.compressed_params += layer.compressed_params - layer.svd_params
         report.dense_macs += layer.dense_macs
@@ -266,7 +271,9 @@ def flops(
         report.layers.append(layer)
     if trace is not None:
         report.total_macs = trace.total
-        report.weight_read_macs = sum(reads.values())
+        report.weight_read_macs = sum(reads.values()) + sum(
+            weight_ops.get(name, 0) for name in reads
+        )
         report.attention_macs = trace.attention
         report.other_macs = dict(sorted(trace.other.items(), key=lambda kv: -kv[1]))
         report.weight_reads = dict(trace.reasons)
@@ -274,10 +281,16 @@ def flops(
 
 
 def _layer_flops(
-    name: str, module: nn.Module, calls: list[tuple[int, ...]], read: int | None
+    name: str,
+    module: nn.Module,
+    calls: list[tuple[int, ...]],
+    read: int | None,
+    weight_ops: int = 0,
 ) -> LayerFlops:
     """Costs of one counted layer; `read`: measured MACs of its weight read by its parent
-    (None if not read), dense in every form since the parent multiplies by the full W."""
+    (None if not read), dense in every form since the parent multiplies by the full W;
+    `weight_ops`: measured MACs of products of its weights alone (an SVD layer's compose
+    for that read: its SVD form only; a dense layer's: every form)."""
     if isinstance(module, SVDLayer):
         dense, chain = svd_costs(module, calls)
         lowrank = read is None and lowrank_is_cheaper(module, calls)
@@ -290,6 +303,7 @@ def _layer_flops(
         if read is not None:
             dense, chain = dense + read, chain + read
             compressed = (dense, weight_params, "dense")
+        chain += weight_ops
         return LayerFlops(
             name,
             layer_kind(module),
@@ -306,7 +320,7 @@ def _layer_flops(
             compressed[2],
             read is not None,
         )
-    macs = sum(dense_macs(module, shape) for shape in calls) + (read or 0)
+    macs = sum(dense_macs(module, shape) for shape in calls) + (read or 0) + weight_ops
     n_weight = dense_params(module)
     return LayerFlops(
         name,

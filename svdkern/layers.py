@@ -475,12 +475,6 @@ def layer_inputs(
 # --- where the MACs of one forward go -------------------------------------------------
 
 
-def _lowrank_linear_flop(x_shape, U_shape, s_shape, V_shape, *args, out_shape=None, **kw) -> int:
-    """FLOPs of svdkern.lowrank_linear: 2·rows·r·(n + m)."""
-    rows = math.prod(x_shape[:-1])
-    return 2 * rows * s_shape[0] * (V_shape[0] + U_shape[0])
-
-
 def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kw) -> int:
     """FLOPs of the CPU fused attention, QKᵀ and AV over the query heads:
     2·b·h_q·s_q·s_k·(d_q + d_v) for q (b, h_q, s_q, d_q), k (b, h_kv, s_k, d_q),
@@ -492,21 +486,17 @@ def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, *
 
 
 def _flop_formulas() -> dict:
-    formulas = {}
     cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
     if cpu_sdpa is not None and cpu_sdpa not in flop_registry:
-        formulas[cpu_sdpa] = _cpu_sdpa_flop
-    # Without the C++ ops (reference fallback) the chain runs as plain matmuls.
-    # (lowrank_linear_forward is what its autograd function calls.)
-    for name in ("lowrank_linear", "lowrank_linear_forward"):
-        with contextlib.suppress(AttributeError, RuntimeError):
-            formulas[getattr(torch.ops.svdkern, name)] = _lowrank_linear_flop
-    return formulas
+        return {cpu_sdpa: _cpu_sdpa_flop}
+    return {}
 
 
-# Formulas for the ops FlopCounterMode has none for (it counts them as 0): svdkern's
-# low-rank chain and the CPU kernel of scaled_dot_product_attention. Pass them to get the
-# totals `svdkern.flops` reports: FlopCounterMode(custom_mapping=FLOP_FORMULAS).
+# Formulas for the aten ops this torch's FlopCounterMode has none for (it counts them as 0):
+# the CPU kernel of scaled_dot_product_attention. Pass them to get the totals
+# `svdkern.flops` reports: FlopCounterMode(custom_mapping=FLOP_FORMULAS). They are not
+# registered globally, which would change every FlopCounterMode in the process; svdkern's
+# own ops are (`svdkern.ops`), since without their formulas they count as 0.
 FLOP_FORMULAS = _flop_formulas()
 
 _ATTENTION_OPS = {
@@ -537,6 +527,8 @@ class MacTrace:
         all of them dense.
     attention: MACs of matmuls between activations (no parameter operand): attention
         scores and values (bmm, baddbmm, scaled_dot_product_attention, ...).
+    weight_ops: {name: MACs} of ops on a counted layer's weights alone, no input involved:
+        svdkern's compose of an SVD layer's W for a parent that reads it through .weight.
     other: {op: MACs} of everything else (convs or matmuls of layers svdkern does not
         count, e.g. ConvTranspose, Conv3d, a raw parameter in a matmul).
     shapes: input shapes of every call of every counted layer (as `layer_inputs`).
@@ -547,6 +539,7 @@ class MacTrace:
     weight_reads: dict[str, int] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
     attention: int = 0
+    weight_ops: dict[str, int] = field(default_factory=dict)
     other: dict[str, int] = field(default_factory=dict)
     shapes: dict[str, list[tuple[int, ...]]] = field(default_factory=dict)
 
@@ -586,16 +579,25 @@ class _Tracer(TorchDispatchMode):
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         tags = {self.tags.get(_ptr(t)) for t in tensors} - {None}
         packet = getattr(func, "_overloadpacket", None)
+        # An op of one layer's weights alone (a cast, a transpose, svdkern's compose of an
+        # SVD layer's W) makes more of that weight: its outputs carry the layer's tag.
+        weight_only = len(tags) == 1 and all(
+            _ptr(t) in self.constants or self.tags.get(_ptr(t)) in tags for t in tensors
+        )
+        if weight_only:
+            (name,) = tags
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and _ptr(t) is not None:
+                    self.tags.setdefault(_ptr(t), name)
+                    self.keep.append(t)
         if packet in self.registry:
             macs = self.registry[packet](*args, **kwargs, out_val=out) // 2
-            self._attribute(packet, macs, tags, tensors)
-        elif len(tags) == 1:
-            (name,) = tags
-            if all(self.tags.get(_ptr(t)) == name or _ptr(t) in self.constants for t in tensors):
-                for t in tree_flatten(out)[0]:
-                    if isinstance(t, torch.Tensor) and _ptr(t) is not None:
-                        self.tags.setdefault(_ptr(t), name)
-                        self.keep.append(t)
+            if weight_only:
+                (name,) = tags
+                ops = self.trace.weight_ops
+                ops[name] = ops.get(name, 0) + macs
+            else:
+                self._attribute(packet, macs, tags, tensors)
         return out
 
     def _attribute(self, packet, macs: int, tags: set, tensors: list) -> None:

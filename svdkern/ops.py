@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -188,6 +189,60 @@ def _register_fakes() -> None:
         return svals[0].new_empty((numel(svals),))
 
 
+def _register_flop_formulas() -> None:
+    """Teach torch.utils.flop_counter.FlopCounterMode the ops' FLOPs (it counts an op it
+    has no formula for as 0). As for aten's own formulas, FLOPs are 2 × the multiply-adds
+    of the matrix products; elementwise work is not counted. With U (m×r), V (n×r), x of
+    `rows` rows and a loss matrix M (d×r):
+
+        compose                      2·m·n·r          (U·diag(s))·Vᵀ
+        compose_backward             4·m·n·r          grad_W·V and grad_Wᵀ·(U·diag(s))
+        compose_grouped_packed       Σ 2·m·n·r        over the layers
+        compose_grouped_backward     Σ 4·m·n·r
+        lowrank_linear(_forward)     2·rows·r·(n + m) x·V, then ·Uᵀ
+        lowrank_linear_backward      4·rows·r·(n + m) (+ 2·rows·n·r where x·V is recomputed)
+        orth_loss(_forward)          Σ 2·d·r²         the Grams MᵀM
+        orth_loss_backward           Σ 2·d·r²         4·M·R/r², one product per matrix (the
+                                                      autograd of the reference takes two)
+        sparsity_loss(_backward)     0                elementwise
+
+    Everything but the orthogonality backward equals the count of the plain-PyTorch
+    reference (`reference_mode()`). Registered once per process; a formula already present
+    (a second import of this module) is left alone."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    def products(Us, Vs, ss) -> int:
+        return sum(U[0] * V[0] * s[0] for U, V, s in zip(Us, Vs, ss, strict=True))
+
+    def lowrank(x, U, s, V) -> int:
+        return 2 * math.prod(x[:-1]) * s[0] * (V[0] + U[0])
+
+    def grams(mats) -> int:
+        return sum(2 * M[0] * M[1] ** 2 for M in mats)
+
+    def xv_recomputed(x, V, xv) -> int:
+        return 0 if math.prod(xv) else 2 * math.prod(x[:-1]) * V[0] * V[1]
+
+    formulas = {
+        "compose": lambda U, s, V, **_: 2 * products([U], [V], [s]),
+        "compose_backward": lambda g, U, s, V, **_: 4 * products([U], [V], [s]),
+        "compose_grouped_packed": lambda Us, ss, Vs, **_: 2 * products(Us, Vs, ss),
+        "compose_grouped_backward": lambda g, Us, ss, Vs, **_: 4 * products(Us, Vs, ss),
+        "lowrank_linear": lambda x, U, s, V, bias=None, **_: lowrank(x, U, s, V),
+        "lowrank_linear_forward": lambda x, U, s, V, bias=None, **_: lowrank(x, U, s, V),
+        "lowrank_linear_backward": lambda g, x, U, s, V, xv, bias_grad, **_: (
+            2 * lowrank(x, U, s, V) + xv_recomputed(x, V, xv)
+        ),
+        "orth_loss": lambda mats, **_: grams(mats),
+        "orth_loss_forward": lambda mats, **_: grams(mats),
+        "orth_loss_backward": lambda grad, mats, residuals, **_: grams(mats),
+    }
+    for name, formula in formulas.items():
+        op = getattr(torch.ops.svdkern, name)
+        if op not in flop_registry:
+            register_flop_formula(op)(formula)
+
+
 def _keeps_xv(device: torch.device) -> bool:
     """Whether lowrank_linear_forward on `device` returns x·V for the backward (the C++ CPU
     kernel) or an empty tensor (the Triton kernels recompute it on chip)."""
@@ -209,6 +264,7 @@ def _register_triton(dispatch_keys: Sequence[str]) -> torch.library.Library:
 
 if _HAS_C:
     _register_fakes()
+    _register_flop_formulas()
     if _HAS_TRITON:
         _LIB = _register_triton(["CUDA", "CPU"] if _BACKEND_ENV == "triton" else ["CUDA"])
 elif _BACKEND_ENV == "triton":

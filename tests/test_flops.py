@@ -3,6 +3,7 @@ torch.utils.flop_counter.FlopCounterMode (FLOPs = 2·MACs)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -298,7 +299,12 @@ def test_svd_layer_read_through_weight_costs_its_dense_macs_at_any_rank():
     report = svdkern.flops(model, example_inputs=x)
     qkv = next(lay for lay in report.layers if lay.name == "qkv")
     assert qkv.weight_read and qkv.rank == 4 and qkv.compressed_form == "dense"
-    assert qkv.dense_macs == qkv.svd_macs == qkv.compressed_macs == B * L * 24 * 72
+    assert qkv.dense_macs == qkv.compressed_macs == B * L * 24 * 72
+    # The SVD form also composes W (72 × 24 at rank 4) for the parent's product.
+    assert qkv.svd_macs == B * L * 24 * 72 + 72 * 24 * 4
+    assert report.weight_read_macs == qkv.svd_macs
+    assert report.total_macs == _flop_counter_macs(model, x)
+    assert report.total_macs == report.svd_macs + report.uncounted_macs
     assert report.dense_macs == svdkern.flops(dense, example_inputs=x).dense_macs
     deployed = svdkern.compress(model, example_inputs=(x,))
     assert _flop_counter_macs(deployed, x) == report.compressed_macs + report.uncounted_macs
@@ -398,7 +404,10 @@ def test_layer_whose_weight_attribute_is_read_stays_dense_in_the_counts():
     fc, out = report.layers
     assert fc.weight_read and fc.compressed_form == "dense" and fc.compressed_macs == 5 * 144
     assert not out.weight_read and out.compressed_form == "lowrank"
-    assert report.weight_read_macs == 0  # read for its dtype: no MACs of its own
+    # Read for its dtype: no product uses W, but the SVD form composes it (12 × 12, rank 2).
+    assert report.weight_read_macs == 12 * 12 * 2
+    assert fc.svd_macs == 5 * 2 * (12 + 12) + 12 * 12 * 2  # its chain + the compose
+    assert report.total_macs == report.svd_macs + report.uncounted_macs
     assert isinstance(model.fc, SVDLinear) and type(model.fc) is SVDLinear  # class restored
 
 
@@ -428,3 +437,79 @@ def test_cpu_attention_formula_matches_the_kernel_it_counts():
     with counter:
         cpu_sdpa(q, k, v)
     assert counter.get_total_flops() == 2 * 2 * 4 * 5 * 7 * (8 + 8)
+
+
+# --- FlopCounterMode counts svdkern's ops ------------------------------------------------
+
+
+def _flop_counts(fn, reference: bool) -> tuple[int, dict[str, int]]:
+    """(total FLOPs, {op: FLOPs}) FlopCounterMode counts for fn(), without any custom
+    mapping, on the C++ ops or on the plain-PyTorch reference."""
+    from svdkern import ops
+
+    with (
+        ops.reference_mode() if reference else contextlib.nullcontext(),
+        FlopCounterMode(display=False) as counter,
+    ):
+        fn()
+    by_op = {str(op): n for op, n in counter.get_flop_counts().get("Global", {}).items()}
+    return counter.get_total_flops(), by_op
+
+
+@pytest.mark.parametrize("rows, m, n, r", [(7, 5, 9, 3), (1, 4, 4, 1), (12, 16, 6, 6)])
+@pytest.mark.parametrize("grad", [True, False], ids=["fwd+bwd", "no-grad"])
+def test_flop_counter_counts_svdkern_ops_as_their_reference(rows, m, n, r, grad):
+    from svdkern import ops
+
+    torch.manual_seed(0)
+    U, s, V = torch.randn(m, r), torch.randn(r), torch.randn(n, r)
+    U2, s2, V2 = torch.randn(n, r + 1), torch.randn(r + 1), torch.randn(m, r + 1)
+    x = torch.randn(2, rows, n)
+    for t in (U, s, V, U2, s2, V2, x):
+        t.requires_grad_(grad)
+
+    def run(out: torch.Tensor) -> None:
+        if grad:
+            out.sum().backward()
+
+    cases = {
+        "lowrank_linear": lambda: run(ops.lowrank_linear(x, U, s, V)),
+        "compose": lambda: run(ops.compose(U, s, V)),
+        "compose_grouped": lambda: run(
+            sum(W.sum() for W in ops.compose_grouped([U, U2], [s, s2], [V, V2]))
+        ),
+    }
+    for name, fn in cases.items():
+        with torch.set_grad_enabled(grad):
+            ours, by_op = _flop_counts(fn, reference=False)
+            ref, _ = _flop_counts(fn, reference=True)
+        assert ours == ref > 0, name
+        assert any(op.startswith("svdkern.") for op in by_op), (name, by_op)
+
+
+def test_flop_counter_counts_the_orthogonality_backward_as_one_product_per_matrix():
+    from svdkern import ops
+
+    mats = [torch.randn(9, 4, requires_grad=True), torch.randn(5, 2, requires_grad=True)]
+    grams = 2 * 9 * 4**2 + 2 * 5 * 2**2
+    with torch.no_grad():
+        assert _flop_counts(lambda: ops.orth_loss(mats), False)[0] == grams
+        assert _flop_counts(lambda: ops.orth_loss(mats), True)[0] == grams
+    # The reference's autograd takes two products per Gram, the op's backward one (4·M·R).
+    assert _flop_counts(lambda: ops.orth_loss(mats).backward(), False)[0] == 2 * grams
+    assert _flop_counts(lambda: ops.orth_loss(mats).backward(), True)[0] == 3 * grams
+    svals = [torch.rand(5, requires_grad=True)]
+    assert _flop_counts(lambda: ops.sparsity_loss(svals, "hoyer").backward(), False)[0] == 0
+
+
+def test_lowrank_backward_formula_adds_the_recomputed_product_where_xv_is_not_kept():
+    from torch.utils.flop_counter import flop_registry
+
+    formula = flop_registry[torch.ops.svdkern.lowrank_linear_backward]
+    rows, m, n, r = 6, 4, 5, 3
+    g, x = torch.empty(rows, m, device="meta"), torch.empty(rows, n, device="meta")
+    U, s, V = (torch.empty(*shape, device="meta") for shape in ((m, r), (r,), (n, r)))
+    kept = formula(g, x, U, s, V, torch.empty(rows, r, device="meta"), False)
+    recomputed = formula(g, x, U, s, V, torch.empty(0, device="meta"), False)
+    assert kept == 4 * rows * r * (n + m)
+    assert recomputed - kept == 2 * rows * n * r
