@@ -22,8 +22,9 @@ once.
 
 The activations' memory format is a form too: with `memory_format="auto"` the layers are
 tuned under NCHW and under channels-last (each on a copy of the model), a whole model step
-is timed in each layout, and channels-last is kept (`set_memory_format`) only when ≥ 5%
-faster. `time_models` times whole models the same interleaved way (used by `compress`).
+is timed in each layout, and the model's layout changes (`set_memory_format`) only when
+the other one is ≥ 5% faster. `time_models` times whole models the same interleaved way
+(used by `compress`).
 
 Example::
 
@@ -487,7 +488,8 @@ def tune_forms(
         memory_format: None leaves the model's layout alone; "contiguous" or
             "channels_last" sets it (`set_memory_format`); "auto" (image inputs only)
             tunes the layers under both layouts on copies of the model, times a whole
-            model step with each, and keeps channels-last only when it is ≥ 5% faster.
+            model step with each, and changes the model's layout (contiguous for a
+            model never set) only when the other one is ≥ 5% faster.
             The layout is part of the form: on CPU, oneDNN runs thin convolutions far
             faster channels-last (no reorder per conv), which is what makes low-rank
             conv chains pay off there.
@@ -527,9 +529,12 @@ def tune_forms(
             model, args, kwargs, training, repeats, use_cache
         )
         times = report.memory_format_ms
-        # NHWC must win clearly: a layout change by timing noise would be churn.
-        faster = times["channels_last"] < (1 - _DEPLOY_MARGIN) * times["contiguous"]
-        memory_format = "channels_last" if faster else "contiguous"
+        # The other layout must win clearly: a layout change by timing noise would be
+        # churn (re-tuning after every rank cut would flip a near tie back and forth).
+        current = memory_format_of(model)
+        other = "contiguous" if current == "channels_last" else "channels_last"
+        faster = times[other] < (1 - _DEPLOY_MARGIN) * times[current]
+        memory_format = other if faster else current
     if memory_format in MEMORY_FORMATS:
         set_memory_format(model, memory_format)
     report.memory_format = memory_format_of(model)

@@ -252,6 +252,24 @@ def test_auto_memory_format_keeps_contiguous_unless_clearly_faster(monkeypatch):
     assert tune.memory_format_of(model) == "contiguous"
 
 
+def test_auto_memory_format_keeps_the_current_layout_in_a_near_tie(monkeypatch):
+    # Re-tuning (after each rank cut) must not flip the layout on timing noise either way.
+    times = {"contiguous": 1.0, "channels_last": 1.0}  # ms of a model step in each layout
+    monkeypatch.setattr(tune, "_tune_memory_format", lambda *args: dict(times))
+    model = tune.set_memory_format(_cnn(), "channels_last")
+    x = torch.randn(2, 3, 6, 6)
+    for contiguous in (1.0, 0.97, 1.03):  # a tie, 3% either way: stays channels-last
+        times["contiguous"] = contiguous
+        assert svdkern.tune_forms(model, x, repeats=1, memory_format="auto").memory_format == (
+            "channels_last"
+        )
+    times["contiguous"] = 0.9  # clearly faster: back to contiguous
+    assert svdkern.tune_forms(model, x, repeats=1, memory_format="auto").memory_format == (
+        "contiguous"
+    )
+    assert tune.memory_format_of(model) == "contiguous"
+
+
 def test_auto_memory_format_ignores_models_without_image_inputs():
     model = nn.Sequential(SVDLinear(8, 8), nn.ReLU(), SVDLinear(8, 4))
     report = svdkern.tune_forms(model, torch.randn(3, 8), repeats=1, memory_format="auto")
