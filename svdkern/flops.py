@@ -103,7 +103,8 @@ class FlopsReport:
     when an example forward ran, that forward's FlopCounterMode total and its breakdown.
 
     total_macs: FlopCounterMode's MACs of the example forward (None without one).
-    weight_read_macs: MACs of the layers read through .weight (part of the counted MACs).
+    weight_read_macs: MACs of the layers read through .weight (part of the counted MACs;
+        an SVD layer's include composing its W for the read).
     attention_macs: matmuls between activations (attention scores and values).
     other_macs: {op: MACs} of ops outside the counted layers (uncounted layer types).
     weight_reads: {layer: why} of the layers read through .weight.

@@ -350,6 +350,16 @@ _LOAD_MODELS = {
 }
 
 
+def _pruned_and_fresh(kind: str) -> tuple[nn.Module, nn.Module]:
+    """Two decomposed `_LOAD_MODELS[kind]`: one pruned to rank 2 everywhere, one at full rank."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", svdkern.DecomposeWarning)
+        pruned = svdkern.decompose(_LOAD_MODELS[kind]())
+        fresh = svdkern.decompose(_LOAD_MODELS[kind]())
+    svdkern.prune(pruned, ranks={"*": 2})
+    return pruned, fresh
+
+
 def _last_svd_prefix(model: nn.Module) -> str:
     return svdkern.nn.svd_layers(model)[-1][0] + "."
 
@@ -384,11 +394,7 @@ def _rank_over_full(state: dict, model: nn.Module) -> str:
 @pytest.mark.parametrize("spoil", [_bad_bias, _missing, _unexpected, _rank_over_full])
 @pytest.mark.parametrize("kind", list(_LOAD_MODELS))
 def test_failed_load_state_dict_leaves_the_model_untouched(kind, spoil):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", svdkern.DecomposeWarning)
-        pruned = svdkern.decompose(_LOAD_MODELS[kind]())
-        fresh = svdkern.decompose(_LOAD_MODELS[kind]())
-    svdkern.prune(pruned, ranks={"*": 2})
+    pruned, fresh = _pruned_and_fresh(kind)
     state = dict(pruned.state_dict())
     key = spoil(state, fresh)
     before = {k: (id(v), v.detach().clone()) for k, v in fresh.state_dict(keep_vars=True).items()}
@@ -405,11 +411,7 @@ def test_failed_load_state_dict_leaves_the_model_untouched(kind, spoil):
 
 @pytest.mark.parametrize("kind", list(_LOAD_MODELS))
 def test_load_state_dict_non_strict_loads_what_fits(kind):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", svdkern.DecomposeWarning)
-        pruned = svdkern.decompose(_LOAD_MODELS[kind]())
-        fresh = svdkern.decompose(_LOAD_MODELS[kind]())
-    svdkern.prune(pruned, ranks={"*": 2})
+    pruned, fresh = _pruned_and_fresh(kind)
     state = dict(pruned.state_dict())
     _unexpected(state, fresh)
     result = svdkern.load_state_dict(fresh, state, strict=False)
