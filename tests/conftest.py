@@ -6,13 +6,19 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+ROOT = Path(__file__).resolve().parents[1]
+# The command line of `svdkern train` run as a subprocess of the tests.
+TRAIN = [sys.executable, "-m", "svdkern", "train"]
 
 # The transformers models of test_real_models.py are built from config classes with random
 # weights; with these flags any attempt to reach the model hub fails at once instead.
@@ -22,6 +28,19 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # triton ≤ 3.6's interpreter turns a runtime scalar into a 1-element numpy array; numpy ≥ 2.4
 # refuses int() of such an array, so every `range()` over a runtime bound raises this.
 INTERP_BUG = "only 0-dimensional arrays can be converted to Python scalars"
+
+
+def cli_env() -> dict[str, str]:
+    """The environment of a subprocess running svdkern: this checkout first on PYTHONPATH
+    and one thread per process (the tests share a small machine)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_cli(cmd: list[str]) -> subprocess.CompletedProcess:
+    """`cmd` run to its end in the checkout with `cli_env()`, text output captured."""
+    return subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
 
 
 def _version(text: str) -> tuple[int, int]:

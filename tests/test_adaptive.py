@@ -5,13 +5,12 @@ cuts), plots, --compile, and kill-and-resume across a cut."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import TRAIN, run_cli
 
 from svdkern.__main__ import main
 from svdkern.train import checkpoint, config
@@ -22,7 +21,6 @@ ADAPTIVE = ["--data", "synthetic", "--quiet", "--method", "svd-adaptive", "--no-
 ADAPTIVE += ["--dense-epochs", "4", "--finetune-epochs", "1", "--cut-every", "1"]
 ADAPTIVE += ["--cut-energy", "0.2", "--strength", "0.3", "--tune-forms"]
 TIMES = ("seconds", "train_seconds", "train_cpu_seconds", "step_ms")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -33,17 +31,7 @@ def _keep_threads():
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    return subprocess.run(
-        [sys.executable, "-m", "svdkern", "train", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_cli([*TRAIN, *args])
 
 
 def _rows(run: Path) -> list[dict]:

@@ -5,20 +5,17 @@ the SVD regularizer acts on the wrapped module's parameters)."""
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import run_cli
 
 from svdkern.__main__ import main
 from svdkern.train import checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["--data", "synthetic", "--model", "mlp", "--quiet", "--batch-size", "32", "--seed", "3"]
 ARGS += ["--dense-epochs", "2", "--svd-epochs", "2", "--finetune-epochs", "1", "--no-baselines"]
 
@@ -38,20 +35,10 @@ def _keep_threads():
 
 def _train_on_two_processes(args: list[str], out) -> None:
     """`svdkern train *args --out out` under torchrun with 2 gloo processes on this host."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
     launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1"]
     launch += ["--nproc-per-node", "2", "--master-addr", "127.0.0.1"]
     launch += ["--master-port", str(_free_port())]
-    done = subprocess.run(
-        [*launch, "-m", "svdkern", "train", *args, "--out", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_cli([*launch, "-m", "svdkern", "train", *args, "--out", str(out)])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, TRAIN, cli_env, run_cli
 
 from svdkern.__main__ import main
 from svdkern.train import checkpoint, loop
 
-ROOT = Path(__file__).resolve().parents[1]
 # dense 2 → svd 1 → finetune 1: four checkpoints, three phase files, four metrics rows.
 ARGS = ["--data", "synthetic", "--quiet", "--method", "svd", "--no-baselines"]
 ARGS += ["--dense-epochs", "2", "--svd-epochs", "1", "--finetune-epochs", "1"]
@@ -79,18 +79,9 @@ def _keep_threads():
     torch.set_num_threads(threads)
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def _train(*args: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-c", LAUNCHER, *launcher] if launcher else None
-    cmd = cmd or [sys.executable, "-m", "svdkern", "train"]
-    return subprocess.run(
-        [*cmd, *args], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
-    )
+    cmd = [sys.executable, "-c", LAUNCHER, *launcher] if launcher else TRAIN
+    return run_cli([*cmd, *args])
 
 
 def _rows(run: Path) -> list[dict]:
@@ -159,9 +150,9 @@ def test_kill_9_at_writes_then_resume_ends_like_an_uninterrupted_run(reference, 
 def test_kill_9_at_a_random_time_then_resume_ends_like_an_uninterrupted_run(reference, tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "svdkern", "train", *ARGS, "--out", str(run)],
+        [*TRAIN, *ARGS, "--out", str(run)],
         cwd=ROOT,
-        env=_env(),
+        env=cli_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -11,18 +11,17 @@ import random
 import re
 import shutil
 import subprocess
-import sys
 import types
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, TRAIN, cli_env, run_cli
 
 from svdkern.__main__ import main
 from svdkern.train import checkpoint, config, rundir
 from svdkern.train.models import build_model
 
-ROOT = Path(__file__).resolve().parents[1]
 DENSE = ["--data", "synthetic", "--quiet", "--method", "dense", "--dense-epochs", "2"]
 TIMES = ("seconds", "train_seconds", "train_cpu_seconds", "step_ms")
 
@@ -63,17 +62,7 @@ def finished(tmp_path_factory) -> Path:
 def stopped(tmp_path_factory) -> Path:
     """The same run stopped (os._exit) after its first epoch's checkpoint."""
     run = tmp_path_factory.mktemp("stopped") / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    argv = [*DENSE, "--out", str(run), "--stop-after-epochs", "1"]
-    done = subprocess.run(
-        [sys.executable, "-m", "svdkern", "train", *argv],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_cli([*TRAIN, *DENSE, "--out", str(run), "--stop-after-epochs", "1"])
     assert done.returncode == 75, done.stderr
     return run
 
@@ -104,14 +93,12 @@ def test_second_run_on_a_locked_directory_is_refused_naming_the_holder(tmp_path,
 
 def test_two_processes_on_one_directory_never_interleave_rows(tmp_path):
     run = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    argv = [sys.executable, "-m", "svdkern", "train", *DENSE, "--out", str(run)]
+    argv = [*TRAIN, *DENSE, "--out", str(run)]
     procs = [
         subprocess.Popen(
             [*argv, "--seed", str(seed)],
             cwd=ROOT,
-            env=env,
+            env=cli_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,

@@ -4,14 +4,13 @@ bad flags, NaN stop, kill-and-resume; `svdkern compare` and `svdkern check`."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import TRAIN, run_cli
 
 import svdkern
 from svdkern.__main__ import main
@@ -19,7 +18,6 @@ from svdkern.train import checkpoint, cli, config
 from svdkern.train.cli import _parse, build_train_parser
 from svdkern.train.models import CLASSIFIER, build_model
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--data", "synthetic", "--quiet", "--dense-epochs", "1", "--svd-epochs", "1"]
 TINY += ["--finetune-epochs", "1"]
 TIMES = ("seconds", "train_seconds", "train_cpu_seconds", "step_ms")  # measured times
@@ -36,22 +34,8 @@ def _train(*args: str) -> int:
     return main(["train", *TINY, *args])
 
 
-def _subprocess_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "svdkern", "train", *args],
-        cwd=ROOT,
-        env=_subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_cli([*TRAIN, *args])
 
 
 def _report(run: Path) -> dict:
