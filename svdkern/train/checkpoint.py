@@ -33,10 +33,11 @@ __all__ = [
     "save_atomic",
     "set_rng_state",
     "temp_files",
+    "write_atomic",
 ]
 
 DIGEST_KEY = "sha256"
-# The temporary files of `save_atomic` (and of the metrics rewrite): `.<name>.<pid>.tmp`.
+# The temporary files of `write_atomic`: `.<name>.<pid>.tmp`.
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.tmp$")
 
 
@@ -72,17 +73,23 @@ def digest(obj: Any) -> str:
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save(obj) to `path` through a temporary file, fsync and os.replace; a dict gets
-    its `sha256` digest. On any failure the temporary file is removed and `path` is as it was;
-    an OSError (ENOSPC, EROFS, ...) is raised with `filename` set to `path`."""
-    path = Path(path)
+    """torch.save(obj) to `path` with `write_atomic`; a dict gets its `sha256` digest."""
     if isinstance(obj, dict):
         obj = {**{k: v for k, v in obj.items() if k != DIGEST_KEY}, DIGEST_KEY: digest(obj)}
     buf = io.BytesIO()
     torch.save(obj, buf)
+    write_atomic(path, buf.getbuffer())
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | memoryview) -> None:
+    """Write `data` to `path` through the temporary file `.<name>.<pid>.tmp` beside it, fsync,
+    os.replace and fsync of the directory: a crash or a full disk leaves the old file or the
+    new one. On any failure the temporary file is removed and `path` is as it was; an OSError
+    (ENOSPC, EROFS, ...) is raised with `filename` set to `path`."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        _write(tmp, buf.getbuffer())
+        _write(tmp, data)
         os.replace(tmp, path)
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
@@ -96,7 +103,7 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def _write(path: Path, data: memoryview) -> None:
+def _write(path: Path, data: bytes | memoryview) -> None:
     with open(path, "wb") as f:
         f.write(data)
         f.flush()

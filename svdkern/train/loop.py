@@ -41,8 +41,8 @@ from torch import nn
 from tqdm import tqdm
 
 import svdkern
-from svdkern.layers import dense_macs, layer_inputs, lowrank_is_cheaper, svd_costs
-from svdkern.nn import SVDLayer
+from svdkern.flops import _layer_flops
+from svdkern.layers import layer_inputs
 from svdkern.train import baselines, checkpoint, report
 from svdkern.train.baselines import decomposable, svd_layers, weight_matrix
 from svdkern.train.data import Dataset, eval_batches, load_dataset, steps_per_epoch, train_batches
@@ -352,15 +352,9 @@ class Pipeline:
             pos = (self.phases.index(row["phase"]), row["epoch"])
             if pos <= (phase_index, epoch):
                 keep.append(line)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            with open(tmp, "w") as f:
-                f.write("".join(line + "\n" for line in keep))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            checkpoint.write_atomic(path, "".join(line + "\n" for line in keep).encode())
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise self._write_failed(exc, path) from None
 
     # -- models -----------------------------------------------------------------------
@@ -709,18 +703,11 @@ class Pipeline:
         if self._layer_shapes is None:
             self._layer_shapes = layer_inputs(model, self.input_shape)
         modules = dict(model.named_modules())
-        macs = dense = 0
-        for name, calls in self._layer_shapes.items():
-            module = modules[name]
-            if isinstance(module, SVDLayer):
-                full, chain = svd_costs(module, calls)
-                macs += chain if lowrank_is_cheaper(module, calls) else full
-                dense += full
-            else:
-                layer_macs = sum(dense_macs(module, shape) for shape in calls)
-                macs += layer_macs
-                dense += layer_macs
-        return macs, dense
+        layers = [
+            _layer_flops(name, modules[name], calls, None)
+            for name, calls in self._layer_shapes.items()
+        ]
+        return sum(lay.compressed_macs for lay in layers), sum(lay.dense_macs for lay in layers)
 
     def _diverged(self, phase: str, epoch: int, step: int, value: float, terms: dict) -> None:
         where = "no checkpoint yet"
