@@ -261,9 +261,7 @@ def flops(
     shape = None if input_shape is None else tuple(input_shape)
     report = FlopsReport(shape, params, params, params, 0, 0, 0)
     for name, calls in shapes.items():
-        layer = _layer_flops(
-            name, modules[name], calls, reads.get(name), weight_ops.get(name, 0)
-        )
+        layer = _layer_flops(name, modules[name], calls, reads.get(name), weight_ops.get(name, 0))
         report.dense_params += layer.dense_params - layer.svd_params
         report.compressed_params += layer.compressed_params - layer.svd_params
         report.dense_macs += layer.dense_macs
