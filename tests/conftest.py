@@ -106,6 +106,14 @@ def _seed_everything():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """`svdkern train` run in-process sets torch's thread count (--threads): restore it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     if INTERPRET and any("interp" in item.keywords for item in items):
         import triton

@@ -23,13 +23,6 @@ ADAPTIVE += ["--cut-energy", "0.2", "--strength", "0.3", "--tune-forms"]
 TIMES = ("seconds", "train_seconds", "train_cpu_seconds", "step_ms")
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def _run(*args: str) -> subprocess.CompletedProcess:
     return run_cli([*TRAIN, *args])
 

@@ -26,13 +26,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def _train_on_two_processes(args: list[str], out) -> None:
     """`svdkern train *args --out out` under torchrun with 2 gloo processes on this host."""
     launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1"]

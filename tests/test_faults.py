@@ -72,13 +72,6 @@ sys.exit(main(["train", *sys.argv[3:]]))
 """
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def _train(*args: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-c", LAUNCHER, *launcher] if launcher else TRAIN
     return run_cli([*cmd, *args])

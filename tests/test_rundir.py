@@ -26,13 +26,6 @@ DENSE = ["--data", "synthetic", "--quiet", "--method", "dense", "--dense-epochs"
 TIMES = ("seconds", "train_seconds", "train_cpu_seconds", "step_ms")
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def _rows(run: Path) -> list[dict]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
     return [{k: v for k, v in json.loads(x).items() if k not in TIMES} for x in lines]

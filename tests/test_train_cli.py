@@ -23,13 +23,6 @@ TINY += ["--finetune-epochs", "1"]
 TIMES = ("seconds", "train_seconds", "train_cpu_seconds", "step_ms")  # measured times
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def _train(*args: str) -> int:
     return main(["train", *TINY, *args])
 
