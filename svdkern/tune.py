@@ -213,9 +213,14 @@ def _sync(device: torch.device) -> Callable[[], None]:
 
 
 def _time_interleaved(
-    fns: dict[str, Callable[[], None]], repeats: int, device: torch.device
+    fns: dict[str, Callable[[], None]],
+    repeats: int,
+    device: torch.device,
+    round_s: float = _ROUND_S,
+    max_calls: int = _MAX_CALLS,
 ) -> dict[str, float]:
-    """Median ms per call of every function, rounds interleaved across the functions."""
+    """Median ms per call of every function, rounds (each ≥ round_s, ≤ max_calls calls)
+    interleaved across the functions."""
     sync = _sync(device)
     calls = {}
     for name, fn in fns.items():
@@ -226,7 +231,7 @@ def _time_interleaved(
         fn()
         sync()
         once = max(time.perf_counter() - start, 1e-7)
-        calls[name] = max(1, min(_MAX_CALLS, math.ceil(_ROUND_S / once)))
+        calls[name] = max(1, min(max_calls, math.ceil(round_s / once)))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
@@ -430,10 +435,15 @@ def _tune_layers(
 
 
 def time_models(
-    models: dict[str, nn.Module], examples: Sequence[tuple[tuple, dict]], repeats: int = 5
+    models: dict[str, nn.Module],
+    examples: Sequence[tuple[tuple, dict]],
+    repeats: int = 5,
+    round_s: float = _ROUND_S,
+    max_calls: int = _MAX_CALLS,
 ) -> dict[str, list[float]]:
     """{name: [median ms of an eval, no-grad forward per example]} of every model, each
-    example's models timed interleaved (the same rounds fall on all of them alike)."""
+    example's models timed interleaved (the same rounds fall on all of them alike), a
+    round being ≥ round_s long or max_calls calls."""
     out: dict[str, list[float]] = {name: [] for name in models}
     flags = {name: m.training for name, m in models.items()}
     try:
@@ -448,7 +458,9 @@ def time_models(
 
             fns = {name: forward(m.eval()) for name, m in models.items()}
             device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
-            times = _time_interleaved(fns, repeats, device or torch.device("cpu"))
+            times = _time_interleaved(
+                fns, repeats, device or torch.device("cpu"), round_s, max_calls
+            )
             for name, ms in times.items():
                 out[name].append(ms)
     finally:

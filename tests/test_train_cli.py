@@ -62,6 +62,14 @@ def test_train_end_to_end_writes_report_checkpoints_and_plots(tmp_path, capsys):
     assert doc["models"]["compressed"]["macs"] >= doc["models"]["pruned"]["macs"]
     assert set(doc["latency"]["ms"]) == {"dense", "compressed"}
     assert doc["latency"]["policy"] == "latency"
+    # One interleaved measurement of every deployed model: the latency section and the
+    # per-model figures agree, and the final (pruned) model's deployed form is compressed.
+    batches = [str(b) for b in doc["latency"]["batches"]]
+    for name in ("dense", "compressed"):
+        per_model = [doc["models"][name]["latency_ms"][b] for b in batches]
+        assert per_model == doc["latency"]["ms"][name], name
+    assert doc["models"]["pruned"]["latency_ms"] == doc["models"]["compressed"]["latency_ms"]
+    assert all(v > 0 for m in doc["models"].values() for v in m["latency_ms"].values())
 
     md = (run / "report.md").read_text()
     assert "| pruned |" in md and "Inference latency" in md and "Ranks per layer" in md

@@ -856,35 +856,35 @@ class Pipeline:
             shape = shapes[0] if policy != "latency" else shapes
             return svdkern.compress(model, policy, input_shape=shape).eval()
 
-        for name, result in self.results.items():
-            # The deployed form of every trained model: compressed unless it is dense.
+        # Every trained model in its deployed form (compressed unless it is dense), the final
+        # one compressed once and shared with the "compressed" result, all timed interleaved
+        # in one measurement, so the report's figures compare like with like.
+        deployed: dict[str, nn.Module] = {}
+        for name in self.results:
             svd = name not in ("dense", "trp_trained", "compressed")
-            if name == "compressed":
-                continue
-            deployed = self.load_result(name, svd=svd).eval()
-            if svd:
-                deployed = deploy(deployed)
-            result["latency_ms"] = {
-                str(b): report.measure_latency(deployed, x, budget_s=0.2) for b, x in inputs.items()
+            if name != "compressed":
+                model = self.load_result(name, svd=svd)
+                deployed[name] = deploy(model) if svd else model.eval()
+        ms: dict[str, list[float]] = {name: [] for name in deployed}
+        for b in batches:
+            for name, value in report.measure_latencies(deployed, inputs[b]).items():
+                ms[name].append(value)
+        for name in deployed:
+            self.results[name]["latency_ms"] = {
+                str(b): v for b, v in zip(batches, ms[name], strict=True)
             }
         if final != "dense":
-            model = self.load_result(final, svd=True)
-            compressed = deploy(model)
+            compressed = deployed[final]
             self.results["compressed"] = self.measure(compressed)
-            self.results["compressed"]["ranks"] = self.results[final]["ranks"]
-            self.results["compressed"]["full_ranks"] = self.results[final]["full_ranks"]
-            self.results["compressed"]["from"] = final
-            for key in ("train_seconds", "train_cpu_seconds"):
+            for key in ("ranks", "full_ranks", "train_seconds", "train_cpu_seconds", "latency_ms"):
                 self.results["compressed"][key] = self.results[final][key]
-            pair = {"dense": self.load_result("dense", svd=False), "compressed": compressed}
-            ms: dict[str, list[float]] = {"dense": [], "compressed": []}
-            for b in batches:
-                for name, value in report.measure_latencies(pair, inputs[b]).items():
-                    ms[name].append(value)
-            self.results["compressed"]["latency_ms"] = {
-                str(b): v for b, v in zip(batches, ms["compressed"], strict=True)
+            self.results["compressed"]["from"] = final
+            latency = {
+                "device": str(env.device),
+                "batches": batches,
+                "ms": {"dense": ms["dense"], "compressed": ms[final]},
+                "policy": policy,
             }
-            latency = {"device": str(env.device), "batches": batches, "ms": ms, "policy": policy}
         spec = {}
         if "svd" in self.results:
             spec = {

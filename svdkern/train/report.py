@@ -7,19 +7,19 @@ report.json::
      "config": {...every flag...}, "latency": {...}, "prune": {...}, "spectra": {...},
      "environment": {...}}
 
-params and macs are those of the model as deployed (after `svdkern.compress`: each
-SVD layer as the cheaper of its low-rank pair and one dense layer), per sample.
+params and macs are per sample, each SVD layer counted in its cheaper form (its low-rank
+pair or one dense layer, `svdkern.compress(policy="flops")`); those of "compressed" are of
+the final model as deployed (the run's --compress-policy).
 train_seconds is the wall-clock of all the training (steps, rank cuts, form tuning;
 not evaluation or checkpoints) of the phases that produced the model in this run,
 train_cpu_seconds the process's CPU time of the same (steadier on a shared machine);
-latency_ms = {batch: median ms} of its deployed form in eval mode.
+latency_ms = {batch: median ms} of its deployed form in eval mode, every model timed
+interleaved in one measurement ("latency" holds the same figures of dense and compressed).
 """
 
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,13 +28,13 @@ import torch
 from torch import nn
 
 from svdkern.train import plots
+from svdkern.tune import time_models
 
 __all__ = [
     "ReportError",
     "compare",
     "format_table",
     "measure_latencies",
-    "measure_latency",
     "write_report",
 ]
 
@@ -70,55 +70,14 @@ def _ordered(models: dict[str, Any]) -> list[str]:
     return [k for k in ORDER if k in models] + sorted(k for k in models if k not in ORDER)
 
 
-@torch.no_grad()
-def measure_latency(model: nn.Module, x: torch.Tensor, budget_s: float = 0.5) -> float:
-    """Median wall time in ms of model(x) in eval mode (3 warm-up calls, ≤ 50 timed)."""
-    was = model.training
-    model.eval()
-    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
-    for _ in range(3):
-        model(x)
-    sync()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < 5 or (len(times) < 50 and time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        model(x)
-        sync()
-        times.append(time.perf_counter() - t0)
-    model.train(was)
-    return 1000 * statistics.median(times)
-
-
-@torch.no_grad()
 def measure_latencies(
     models: dict[str, nn.Module], x: torch.Tensor, rounds: int = 7, budget_s: float = 0.05
 ) -> dict[str, float]:
-    """Median ms per call of every model on x, interleaved: each round times a block of
-    calls (≥ budget_s) of every model in turn, so drift of a busy machine falls on all."""
-    flags = {name: m.training for name, m in models.items()}
-    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
-    calls = {}
-    for name, model in models.items():
-        model.eval()
-        for _ in range(3):
-            model(x)
-        sync()
-        t0 = time.perf_counter()
-        model(x)
-        sync()
-        calls[name] = max(1, min(200, round(budget_s / max(time.perf_counter() - t0, 1e-6))))
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            t0 = time.perf_counter()
-            for _ in range(calls[name]):
-                model(x)
-            sync()
-            times[name].append((time.perf_counter() - t0) / calls[name])
-    for name, model in models.items():
-        model.train(flags[name])
-    return {name: 1000 * statistics.median(v) for name, v in times.items()}
+    """Median ms per call of every model on x in eval mode, interleaved: each round times a
+    block of calls (≥ budget_s) of every model in turn, so drift of a busy machine falls on
+    all of them alike (`svdkern.tune.time_models`)."""
+    times = time_models(models, [((x,), {})], repeats=rounds, round_s=budget_s, max_calls=200)
+    return {name: ms[0] for name, ms in times.items()}
 
 
 def format_table(models: dict[str, dict[str, Any]], markdown: bool = False) -> str:
@@ -184,8 +143,9 @@ def _markdown(report: dict[str, Any], pictures: dict[str, str]) -> str:
         "",
         "## Models",
         "",
-        "MACs and params per sample, of each model as deployed (`svdkern.compress`: every SVD "
-        "layer as the cheaper of its low-rank pair and one dense layer).",
+        "MACs and params per sample. An SVD model counts every SVD layer in its cheaper "
+        "form, its low-rank pair or one dense layer (`svdkern.compress(policy='flops')`); "
+        "**compressed** is the final model as deployed, counted as it runs.",
         "",
         format_table(models, markdown=True),
         "",
@@ -209,8 +169,8 @@ def _markdown(report: dict[str, Any], pictures: dict[str, str]) -> str:
             "",
             f"## Inference latency ({lat['device']}, median of repeated calls, eval mode)",
             "",
-            f"Deployed with `svdkern.compress(policy={lat.get('policy', 'flops')!r})`; dense "
-            "and compressed timed interleaved.",
+            f"Deployed with `svdkern.compress(policy={lat.get('policy', 'flops')!r})`; every "
+            "model timed interleaved in one measurement (also the table below).",
             "",
             "| model | " + " | ".join(f"batch {b} (ms)" for b in lat["batches"]) + " |",
             "|---|" + "---|" * len(lat["batches"]),
@@ -219,6 +179,11 @@ def _markdown(report: dict[str, Any], pictures: dict[str, str]) -> str:
             if name in lat["ms"]:
                 cells = [f"{v:.3f}" for v in lat["ms"][name]]
                 lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if {"dense", "compressed"} <= set(lat["ms"]):
+            pairs = zip(lat["ms"]["compressed"], lat["ms"]["dense"], strict=True)
+            lines.append(
+                "| compressed ÷ dense | " + " | ".join(f"{c / d:.2f}×" for c, d in pairs) + " |"
+            )
     timed = [k for k in _ordered(models) if models[k].get("latency_ms")]
     if timed:
         sizes = list(models[timed[0]]["latency_ms"])
@@ -229,7 +194,8 @@ def _markdown(report: dict[str, Any], pictures: dict[str, str]) -> str:
             "",
             "train s: wall-clock of the training that produced the model (phases: "
             + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items())
-            + "); latency of the deployed form (compressed for SVD models), eval mode.",
+            + "); latency of the deployed form (compressed for SVD models), eval mode, all "
+            "models timed interleaved.",
             "",
             "| model | train s | " + " | ".join(f"batch {b} (ms)" for b in sizes) + " |",
             "|---|---|" + "---|" * len(sizes),
