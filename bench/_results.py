@@ -17,18 +17,24 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def _git(*args: str) -> str:
+    out = subprocess.run(
+        ["git", *args], cwd=RESULTS.parent, capture_output=True, text=True, check=True
+    )
+    return out.stdout.strip()
+
+
 def _git_sha() -> str:
+    """HEAD's short sha, with "-dirty" when a tracked file outside bench/results differs
+    from it: the figures were then measured on code that no commit holds."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=RESULTS.parent,
-            capture_output=True,
-            text=True,
-            check=True,
+        sha = _git("rev-parse", "--short", "HEAD")
+        changed = _git(
+            "status", "--porcelain", "--untracked-files=no", "--", ":/", ":!bench/results"
         )
-        return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return f"{sha}-dirty" if changed else sha
 
 
 def provenance(device: str | torch.device = "cpu") -> dict[str, str]:
