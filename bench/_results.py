@@ -30,7 +30,12 @@ def _git_sha() -> str:
     try:
         sha = _git("rev-parse", "--short", "HEAD")
         changed = _git(
-            "status", "--porcelain", "--untracked-files=no", "--", ":/", ":!bench/results"
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            ":/",
+            ":(top,exclude)bench/results",
         )
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -148,3 +148,25 @@ def test_results_csv_widens_when_a_benchmark_gains_a_column(tmp_path, monkeypatc
     assert [r["provider"] for r in rows] == ["a", "b", "c"]
     assert [r["vs_new"] for r in rows] == ["", "0.5", ""]
     assert all(r["git_sha"] and r["date"] for r in rows)
+
+
+def test_results_sha_is_marked_dirty_when_code_differs_from_head(tmp_path, monkeypatch):
+    from bench import _results
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "bench" / "results" / "t.csv").write_text("ms\n1.0\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    monkeypatch.setattr(_results, "RESULTS", tmp_path / "bench" / "results")
+    sha = _results._git_sha()
+    assert sha and not sha.endswith("-dirty")
+    # The benchmarks append to their CSVs while they run: that is not a code change.
+    (tmp_path / "bench" / "results" / "t.csv").write_text("ms\n1.0\n2.0\n")
+    assert _results._git_sha() == sha
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert _results._git_sha() == f"{sha}-dirty"
