@@ -16,7 +16,9 @@ import svdkern
 from svdkern.__main__ import main
 from svdkern.train import checkpoint, cli, config
 from svdkern.train.cli import _parse, build_train_parser
+from svdkern.train.loop import _deployed_forms
 from svdkern.train.models import CLASSIFIER, build_model
+from svdkern.train.report import _forms_note
 
 TINY = ["--data", "synthetic", "--quiet", "--dense-epochs", "1", "--svd-epochs", "1"]
 TINY += ["--finetune-epochs", "1"]
@@ -70,9 +72,12 @@ def test_train_end_to_end_writes_report_checkpoints_and_plots(tmp_path, capsys):
         assert per_model == doc["latency"]["ms"][name], name
     assert doc["models"]["pruned"]["latency_ms"] == doc["models"]["compressed"]["latency_ms"]
     assert all(v > 0 for m in doc["models"].values() for v in m["latency_ms"].values())
+    forms = doc["models"]["compressed"]["forms"]
+    assert set(forms) == {"fc1", "fc2"} and set(forms.values()) <= {"lowrank", "dense"}
 
     md = (run / "report.md").read_text()
     assert "| pruned |" in md and "Inference latency" in md and "Ranks per layer" in md
+    assert re.search(r"\*\*compressed\*\*: .*\((all 2|1 of 2) SVD layers", md)
     for png in ("spectra.png", "ranks.png", "accuracy_vs_macs.png"):
         assert (run / png).read_bytes()[:4] == b"\x89PNG"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -93,6 +98,25 @@ def test_train_end_to_end_writes_report_checkpoints_and_plots(tmp_path, capsys):
     svdkern.load_state_dict(pruned, checkpoint.load(run / "pruned.pt")["model"])
     ranks = {n: m.rank for n, m in pruned.named_modules() if isinstance(m, svdkern.SVDLinear)}
     assert ranks == doc["models"]["pruned"]["ranks"]
+
+
+@pytest.mark.parametrize("policy", ["lowrank", "dense", "flops"])
+def test_the_report_records_what_compress_made_of_each_svd_layer(policy):
+    torch.manual_seed(0)
+    model = svdkern.decompose(build_model("mlp", (1, 8, 8), 10), skip=[CLASSIFIER])
+    svdkern.prune(model, ranks={"fc1": 2})  # fc1 cheaper as a pair, fc2 (full rank) dense
+    forms = _deployed_forms(model, svdkern.compress(model, policy))
+    expected = {"lowrank": "lowrank", "dense": "dense", "flops": None}[policy]
+    assert forms == {"fc1": expected or "lowrank", "fc2": expected or "dense"}
+    assert (
+        _forms_note({"forms": forms})
+        == {
+            "lowrank": " (all 2 SVD layers as low-rank pairs)",
+            "dense": " (all 2 SVD layers as one dense layer each)",
+            "flops": " (1 of 2 SVD layers as low-rank pairs, 1 dense)",
+        }[policy]
+    )
+    assert _forms_note({}) == ""
 
 
 @pytest.mark.parametrize(

@@ -215,6 +215,19 @@ def _apply_forms(
             m.set_form(shape, chain, training=training)
 
 
+def _deployed_forms(svd_model: nn.Module, deployed: nn.Module) -> dict[str, str]:
+    """{SVD layer: "lowrank" or "dense"}: what `svdkern.compress` made of each layer (a
+    low-rank pair is an nn.Sequential at the layer's name)."""
+    forms = {}
+    for name, _ in svd_layers(svd_model):
+        try:
+            plain = deployed.get_submodule(name)
+        except AttributeError:  # inside an attention block deployed as nn.MultiheadAttention
+            plain = None
+        forms[name] = "lowrank" if isinstance(plain, nn.Sequential) else "dense"
+    return forms
+
+
 def _make_optimizer(params, cfg: dict[str, Any]) -> torch.optim.Optimizer:
     # foreach: one multi-tensor update instead of a Python loop over the parameters. torch
     # picks it by default on CUDA only; on CPU it saves ~1 ms a step on the default SVD
@@ -879,6 +892,9 @@ class Pipeline:
             for key in ("ranks", "full_ranks", "train_seconds", "train_cpu_seconds", "latency_ms"):
                 self.results["compressed"][key] = self.results[final][key]
             self.results["compressed"]["from"] = final
+            self.results["compressed"]["forms"] = _deployed_forms(
+                self.load_result(final, svd=True), compressed
+            )
             latency = {
                 "device": str(env.device),
                 "batches": batches,

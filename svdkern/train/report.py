@@ -9,7 +9,8 @@ report.json::
 
 params and macs are per sample, each SVD layer counted in its cheaper form (its low-rank
 pair or one dense layer, `svdkern.compress(policy="flops")`); those of "compressed" are of
-the final model as deployed (the run's --compress-policy).
+the final model as deployed (the run's --compress-policy), whose "forms" = {SVD layer:
+"lowrank" | "dense"} say what it made of each layer.
 train_seconds is the wall-clock of all the training (steps, rank cuts, form tuning;
 not evaluation or checkpoints) of the phases that produced the model in this run,
 train_cpu_seconds the process's CPU time of the same (steadier on a shared machine);
@@ -78,6 +79,20 @@ def measure_latencies(
     all of them alike (`svdkern.tune.time_models`)."""
     times = time_models(models, [((x,), {})], repeats=rounds, round_s=budget_s, max_calls=200)
     return {name: ms[0] for name, ms in times.items()}
+
+
+def _forms_note(model: dict[str, Any]) -> str:
+    """What compress made of a deployed model's SVD layers, e.g. " (2 of 4 SVD layers as
+    low-rank pairs, 2 dense)"; "" for a model without that record."""
+    forms = model.get("forms")
+    if not forms:
+        return ""
+    pairs, n = sum(form == "lowrank" for form in forms.values()), len(forms)
+    if pairs == 0:
+        return f" (all {n} SVD layers as one dense layer each)"
+    if pairs == n:
+        return f" (all {n} SVD layers as low-rank pairs)"
+    return f" ({pairs} of {n} SVD layers as low-rank pairs, {n - pairs} dense)"
 
 
 def format_table(models: dict[str, dict[str, Any]], markdown: bool = False) -> str:
@@ -150,7 +165,9 @@ def _markdown(report: dict[str, Any], pictures: dict[str, str]) -> str:
         format_table(models, markdown=True),
         "",
     ]
-    lines += [f"- **{k}**: {DESCRIPTIONS.get(k, k)}" for k in _ordered(models)]
+    lines += [
+        f"- **{k}**: {DESCRIPTIONS.get(k, k)}{_forms_note(models[k])}" for k in _ordered(models)
+    ]
     before = {
         k: m["accuracy_before_finetune"]
         for k, m in models.items()
