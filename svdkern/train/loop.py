@@ -873,11 +873,13 @@ class Pipeline:
         # one compressed once and shared with the "compressed" result, all timed interleaved
         # in one measurement, so the report's figures compare like with like.
         deployed: dict[str, nn.Module] = {}
+        final_svd = None
         for name in self.results:
             svd = name not in ("dense", "trp_trained", "compressed")
             if name != "compressed":
                 model = self.load_result(name, svd=svd)
                 deployed[name] = deploy(model) if svd else model.eval()
+                final_svd = model if name == final else final_svd
         ms: dict[str, list[float]] = {name: [] for name in deployed}
         for b in batches:
             for name, value in report.measure_latencies(deployed, inputs[b]).items():
@@ -892,9 +894,7 @@ class Pipeline:
             for key in ("ranks", "full_ranks", "train_seconds", "train_cpu_seconds", "latency_ms"):
                 self.results["compressed"][key] = self.results[final][key]
             self.results["compressed"]["from"] = final
-            self.results["compressed"]["forms"] = _deployed_forms(
-                self.load_result(final, svd=True), compressed
-            )
+            self.results["compressed"]["forms"] = _deployed_forms(final_svd, compressed)
             latency = {
                 "device": str(env.device),
                 "batches": batches,
