@@ -1,6 +1,7 @@
 """The project's tools: the kernel gate's parsing and verdicts (tools/kernel_check.py, on
-synthetic records: no triton compile), the tree mirror of `make test-compat`, and the
-interpreter-bug detection of tests/conftest.py."""
+synthetic records: no triton compile), the tree mirror of `make test-compat`, the
+interpreter-bug detection of tests/conftest.py, and the mutant list of `make mutants`
+still fitting the code."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
 import kernel_check as kc  # noqa: E402
+import mutants  # noqa: E402
 import sync_tree  # noqa: E402
 from conftest import INTERP_BUG, interpreter_skip_reason  # noqa: E402
 
@@ -204,3 +206,14 @@ def test_gate_expects_every_triton_kernel_of_the_project():
         for name in re.findall(r"^def (_\w+_kernel)\(", path.read_text(), flags=re.M)
     }
     assert defined == set(kc.EXPECTED_KERNELS)
+
+
+@pytest.mark.parametrize("m", mutants.load(mutants.LIST), ids=lambda m: m.name)
+def test_every_mutant_can_be_planted_and_names_existing_tests(m):
+    # `make mutants` is not in CI: a snippet that the code no longer holds exactly once, or
+    # a test file that moved, would otherwise only show when someone runs it.
+    text = (ROOT / m.file).read_text()
+    assert text.count(m.find) == 1, f"{m.name}: its snippet occurs {text.count(m.find)} times"
+    for selection in m.tests:
+        path = selection[0].split("::")[0]
+        assert (ROOT / path).is_file(), f"{m.name}: {path} does not exist"
