@@ -869,17 +869,17 @@ class Pipeline:
             shape = shapes[0] if policy != "latency" else shapes
             return svdkern.compress(model, policy, input_shape=shape).eval()
 
-        # Every trained model in its deployed form (compressed unless it is dense), the final
-        # one compressed once and shared with the "compressed" result, all timed interleaved
-        # in one measurement, so the report's figures compare like with like.
+        # Every trained model, loaded once, in its deployed form (compressed unless it is
+        # dense), the final one compressed once and shared with the "compressed" result, all
+        # timed interleaved in one measurement, so the report's figures compare like with like.
+        trained: dict[str, nn.Module] = {}
         deployed: dict[str, nn.Module] = {}
-        final_svd = None
         for name in self.results:
-            svd = name not in ("dense", "trp_trained", "compressed")
-            if name != "compressed":
-                model = self.load_result(name, svd=svd)
-                deployed[name] = deploy(model) if svd else model.eval()
-                final_svd = model if name == final else final_svd
+            if name == "compressed":
+                continue
+            svd = name not in ("dense", "trp_trained")
+            trained[name] = self.load_result(name, svd=svd)
+            deployed[name] = deploy(trained[name]) if svd else trained[name].eval()
         ms: dict[str, list[float]] = {name: [] for name in deployed}
         for b in batches:
             for name, value in report.measure_latencies(deployed, inputs[b]).items():
@@ -894,7 +894,7 @@ class Pipeline:
             for key in ("ranks", "full_ranks", "train_seconds", "train_cpu_seconds", "latency_ms"):
                 self.results["compressed"][key] = self.results[final][key]
             self.results["compressed"]["from"] = final
-            self.results["compressed"]["forms"] = _deployed_forms(final_svd, compressed)
+            self.results["compressed"]["forms"] = _deployed_forms(trained[final], compressed)
             latency = {
                 "device": str(env.device),
                 "batches": batches,
@@ -904,8 +904,8 @@ class Pipeline:
         spec = {}
         if "svd" in self.results:
             spec = {
-                "before": spectra(self.load_result("dense", svd=False), cfg["decomposition"]),
-                "after": spectra(self.load_result("svd", svd=True), cfg["decomposition"]),
+                "before": spectra(trained["dense"], cfg["decomposition"]),
+                "after": spectra(trained["svd"], cfg["decomposition"]),
             }
         doc = {
             "models": self.results,
