@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -26,6 +27,8 @@ from svdkern.layers import (
     format_table,
     lowrank_is_cheaper,
     trace_macs,
+    uncompiled,
+    uncompiled_name,
     weight_reads,
 )
 from svdkern.nn import (
@@ -165,8 +168,10 @@ def _glob(entry: str) -> bool:
     return any(c in entry for c in "*?[")
 
 
-def _skip_entries(model: nn.Module, skip: Skip) -> list[SkipEntry]:
-    """`skip` as a list of entries; unknown plain names raise."""
+def _skip_entries(model: nn.Module, skip: Skip, compiled: bool = False) -> list[SkipEntry]:
+    """`skip` as a list of entries; plain names not in `model` and globs matching none of
+    its modules raise. `compiled`: `model` is what torch.compile wrapped, and names may
+    carry its "_orig_mod." prefix."""
     if skip is None:
         return []
     if isinstance(skip, (str, type)) or (callable(skip) and not isinstance(skip, Iterable)):
@@ -179,13 +184,25 @@ def _skip_entries(model: nn.Module, skip: Skip) -> list[SkipEntry]:
                 "skip entries must be qualified names, globs ('*.attn.*'), module types "
                 f"(nn.Conv1d) or predicates (name, module) -> bool; got {entry!r}"
             )
+    if compiled:
+        entries = [uncompiled_name(e) if isinstance(e, str) else e for e in entries]
     names = {e for e in entries if isinstance(e, str) and not _glob(e)}
-    known = {name for name, _ in model.named_modules(remove_duplicate=False)}
-    unknown = sorted(names - known)
-    if unknown:
+    known = [name for name, _ in model.named_modules(remove_duplicate=False)]
+    unknown = sorted(names - set(known))
+    unmatched = [
+        e for e in entries if isinstance(e, str) and _glob(e) and not fnmatch.filter(known, e)
+    ]
+    if unknown or unmatched:
+        layers = [name for name, m in model.named_modules() if name and _is_candidate(m)]
+        listed = layers[:_MAX_LISTED] + (["..."] if len(layers) > _MAX_LISTED else [])
+        what = []
+        if unknown:
+            what.append(f"names modules that are not in the model: {unknown}")
+        if unmatched:
+            what.append(f"has globs that match no module of the model: {unmatched}")
         raise ValueError(
-            f"skip names modules that are not in the model: {unknown}; use qualified names "
-            "as in model.named_modules(), e.g. 'layer1.0.conv1', or globs such as '*.fc'"
+            f"skip {' and '.join(what)}; use qualified names as in model.named_modules() "
+            f"or globs over them (the model's layers: {listed})"
         )
     return entries
 
@@ -314,7 +331,9 @@ def plan(
         raise ValueError(f"decomposition must be one of {DECOMPOSITIONS}, got {decomposition!r}")
     if mha not in MHA_OPTIONS:
         raise ValueError(f"mha must be one of {MHA_OPTIONS}, got {mha!r}")
-    entries = _skip_entries(model, skip)
+    compiled = uncompiled(model) is not model
+    model = uncompiled(model)
+    entries = _skip_entries(model, skip, compiled)
     owners: dict[int, list[tuple[str, nn.Module, str]]] = {}
     for mname, module in model.named_modules():
         for pname, p in module._parameters.items():
@@ -440,6 +459,20 @@ def _move_hooks(dense: nn.Module, new: nn.Module) -> None:
     new._is_full_backward_hook = dense._is_full_backward_hook
 
 
+def _non_finite(todo: list) -> list[str]:
+    """The weights (parameters of 2 or more dims) of the layers to convert that hold NaN or
+    inf, described ("'fc.weight' (3 NaN, 0 inf of 16)")."""
+    bad = []
+    for name, module, *_ in todo:
+        for pname, p in module.named_parameters():
+            if p.dim() < 2 or p.device.type == "meta" or bool(torch.isfinite(p.detach()).all()):
+                continue
+            nan, inf = int(p.detach().isnan().sum()), int(p.detach().isinf().sum())
+            where = f"{name}.{pname}" if name else pname
+            bad.append(f"{where!r} ({nan} NaN, {inf} inf of {p.numel()})")
+    return bad
+
+
 def _listed(plans: list[LayerPlan]) -> str:
     text = "; ".join(f"{p.name or '(model)'} ({p.kind}): {p.reason}" for p in plans[:_MAX_LISTED])
     extra = len(plans) - _MAX_LISTED
@@ -521,8 +554,10 @@ def decompose(
         decomposition: "channel" or "spatial", for the 2-D convolutions (DESIGN.md §4).
         skip: one entry or a list mixing qualified names as in `model.named_modules()`
             (unknown names raise), globs matched with fnmatch on qualified names
-            ("*.attn.*", "lm_head"), module types (nn.Conv2d), and predicates
-            `(name, module) -> bool`. A skipped module also skips everything under it.
+            ("*.attn.*", "lm_head"; a glob matching no module raises), module types
+            (nn.Conv2d), and predicates `(name, module) -> bool`. A skipped module also
+            skips everything under it. For a `torch.compile`d model the names are those of
+            the model it wraps ("0"; "_orig_mod.0" is accepted too), as in the report.
         example_inputs: a tensor or a tuple of the model's positional arguments (any
             dtype, e.g. Long token ids), for the weight-read check.
         example_kwargs: keyword arguments of that forward.
@@ -532,8 +567,9 @@ def decompose(
     Returns:
         `model` (or the new SVD layer when `model` itself is a converted layer).
     Raises:
-        ValueError for an unknown `decomposition`, `mha` or skip name, or a Lazy module
-        that has not run a forward yet.
+        ValueError for an unknown `decomposition`, `mha` or skip name, a skip glob that
+        matches no module, a Lazy module that has not run a forward yet, or a layer to
+        convert whose weight holds NaN or inf (named; checked before any SVD).
 
     Example::
 
@@ -554,6 +590,13 @@ def decompose(
             f"decompose: {listed} has uninitialized parameters; run one forward pass "
             "(model(example_input)) before decompose so that their shapes are known, or "
             "skip them"
+        )
+    bad = _non_finite(report._todo)
+    if bad:
+        raise ValueError(
+            f"decompose: the weights {', '.join(bad)} are not finite, so they have no SVD; "
+            "fix or reinitialize them (e.g. reload a checkpoint saved before training "
+            "diverged) or leave those layers dense with skip=[...]"
         )
     root = model
     failed: dict[str, str] = {}
@@ -661,6 +704,11 @@ def compress(
     stays, holding plain projections. Without SVDMultiheadAttention the result needs no
     svdkern import to run and works with torch.jit.script / trace and torch.export. Hooks
     of an SVD layer move to its plain form, and a frozen layer's plain form is frozen.
+    Hooks svdkern itself registered are not kept, such as the input hook of
+    `svdkern.set_memory_format(model, "channels_last")`: weights keep their memory format,
+    and the layout of the inputs is the caller's (`x.contiguous(memory_format=
+    torch.channels_last)`). The global random state (CPU, and the model's CUDA devices)
+    is left as compress found it.
 
     A layer whose weight its parent reads directly (`F.linear(x, self.qkv.weight, ...)`)
     becomes one dense layer under every policy, so that `.weight` still exists (a pair
@@ -700,6 +748,24 @@ def compress(
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    tensors = [*model.parameters(), *model.buffers()]
+    cuda = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+    # The plain layers' constructors and the latency policy's inputs draw random numbers.
+    with torch.random.fork_rng(devices=cuda):
+        deployed = _compress(model, policy, input_shape, example_inputs, example_kwargs)
+    return _without_svdkern_hooks(deployed)
+
+
+def _compress(
+    model: nn.Module,
+    policy: str,
+    input_shape: Sequence[int] | Sequence[Sequence[int]] | None,
+    example_inputs,
+    example_kwargs: Mapping | None,
+) -> nn.Module:
+    """`compress` (arguments checked), svdkern's hooks still in place: the latency policy
+    times the candidates as the SVD model runs (channels-last inputs under
+    set_memory_format)."""
     has_example = not (input_shape is None and example_inputs is None and example_kwargs is None)
     reads: dict[str, str] = {}
     shapes: dict[str, list[tuple[int, ...]]] = {}
@@ -802,6 +868,27 @@ def _deployed(model: nn.Module, lowrank_of: Callable[[str, SVDLayer], bool]) -> 
     return new
 
 
+def _without_svdkern_hooks(model: nn.Module) -> nn.Module:
+    """`model` with the hooks whose function svdkern defines (set_memory_format's input
+    hook) removed from every module: they would make the deployed model need svdkern
+    (pickle) and fail torch.jit.script."""
+    tables = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+    flags = (
+        "_forward_pre_hooks_with_kwargs",
+        "_forward_hooks_with_kwargs",
+        "_forward_hooks_always_called",
+    )
+    for module in model.modules():
+        for attr in tables:
+            table = getattr(module, attr)
+            for key, hook in list(table.items()):
+                if (getattr(hook, "__module__", None) or "").split(".")[0] == "svdkern":
+                    del table[key]
+                    for flag in flags:
+                        getattr(module, flag).pop(key, None)
+    return model
+
+
 def _rank_problems(model: nn.Module, state_dict: Mapping) -> tuple[list[str], dict]:
     """(what does not fit, {SVD layer: checkpoint rank}) for the SVD layers whose U, s, V
     are all in `state_dict`; nothing is changed."""
@@ -847,11 +934,29 @@ def _rank_problems(model: nn.Module, state_dict: Mapping) -> tuple[list[str], di
     return problems, resize
 
 
+def _own_copy(state_dict: Mapping) -> OrderedDict:
+    """A shallow copy of `state_dict` with its own `_metadata`, without assign flags.
+
+    nn.Module.load_state_dict writes `assign=True` into the metadata of the dict it loads,
+    and every later load of that dict then assigns (the model would share the checkpoint's
+    tensors); loading a copy leaves the caller's dict as it was, and a load copies into
+    the model's own tensors."""
+    own = OrderedDict(state_dict)
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is not None:
+        own._metadata = {
+            prefix: {k: v for k, v in local.items() if k != "assign_to_params_buffers"}
+            for prefix, local in metadata.items()
+        }
+    return own
+
+
 def _trial_load(model: nn.Module, state_dict: Mapping, resize: dict) -> tuple[list, list, list]:
     """(missing keys, unexpected keys, other errors) of loading `state_dict` after resizing
     the layers in `resize`, found by a load that assigns the checkpoint's tensors (copying
     nothing) and is then undone: every module's parameters, buffers and form cache are put
     back as they were."""
+    state_dict = _own_copy(state_dict)
     saved = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
     forms = {layer: dict(layer._forms) for layer in resize}
     try:
@@ -879,9 +984,13 @@ def _trial_load(model: nn.Module, state_dict: Mapping, resize: dict) -> tuple[li
 def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
     """Load a (possibly pruned) checkpoint, resizing SVD layers to the checkpoint's ranks.
 
-    For every SVD layer whose `s` in `state_dict` has another length than the layer's rank,
-    U, s and V are replaced by new Parameters of the checkpoint's rank, then
-    `model.load_state_dict(state_dict, strict)` loads the values. Rebuild optimizers after.
+    For every SVD layer whose `s` in `state_dict` has another length than the layer's rank
+    (lower, or higher up to its full rank), U, s and V are replaced by new Parameters of
+    the checkpoint's rank, in the model's dtype and on its device; then
+    `model.load_state_dict(state_dict, strict)` copies the values, as torch does: the model
+    shares no storage with `state_dict`, keeps its dtypes, devices and tied parameters, and
+    `state_dict` (its `_metadata` included) is left unchanged. Rebuild optimizers after
+    (an optimizer state saved at the checkpoint's ranks then loads).
 
     All or nothing: the whole checkpoint is checked first (factor shapes and ranks, every
     key's shape, and with strict=True missing and unexpected keys), and when anything does
@@ -921,4 +1030,4 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], st
         )
     for layer, rank in resize.items():
         layer._resize_(rank)
-    return model.load_state_dict(state_dict, strict=strict)
+    return model.load_state_dict(_own_copy(state_dict), strict=strict)

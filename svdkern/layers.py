@@ -67,6 +67,8 @@ __all__ = [
     "svd_costs",
     "svd_layers",
     "trace_macs",
+    "uncompiled",
+    "uncompiled_name",
     "weight_reads",
 ]
 
@@ -101,6 +103,25 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
         for r in [header, *rows]
     ]
     return "\n".join([fmt[0], line, *fmt[1:]])
+
+
+_COMPILED_PREFIX = "_orig_mod."
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module `torch.compile(model)` wraps (unwrapped repeatedly), else `model`: the
+    verbs that take layer names use the names of the user's model ("0", not "_orig_mod.0")."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # no compiled module without it
+    while eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        model = model._orig_mod
+    return model
+
+
+def uncompiled_name(name: str) -> str:
+    """A layer name or glob of a compiled model ("_orig_mod.0") as the wrapped model's ("0")."""
+    while name.startswith(_COMPILED_PREFIX) or name == _COMPILED_PREFIX[:-1]:
+        name = name[len(_COMPILED_PREFIX) :]
+    return name
 
 
 # --- the example forward --------------------------------------------------------------

@@ -30,6 +30,8 @@ from svdkern.layers import (
     svd_costs,
     svd_layers,
     trace_macs,
+    uncompiled,
+    uncompiled_name,
 )
 from svdkern.nn import SVDLayer
 
@@ -274,7 +276,9 @@ def prune(
             {"h.*.mlp.*": 32}; a glob's k is capped at each matched layer's rank, an exact
             name's must be in [1, rank]; an exact name wins over globs, an earlier glob
             over a later one; layers not matched keep their rank. Taken as given
-            (multiple_of and min_rank do not apply).
+            (multiple_of and min_rank do not apply). For a `torch.compile`d model the
+            names are those of the model it wraps ("0"; "_orig_mod.0" is accepted too),
+            and so are the report's.
     Args:
         input_shape: shape of one input batch (a zero float tensor is used); needed to
             count convs (for target_flops, and for the MAC columns of the report).
@@ -312,6 +316,10 @@ def prune(
         svdkern.prune(model, ranks={"layers.0.0.conv1": 8, "layers.2.*": 16}, optimizer=opt)
     """
     _check_args(energy, target_flops, multiple_of, ranks, min_rank)
+    if uncompiled(model) is not model:
+        model = uncompiled(model)
+        if isinstance(ranks, Mapping):
+            ranks = {uncompiled_name(k) if isinstance(k, str) else k: v for k, v in ranks.items()}
     layers = svd_layers(model)
     cums = {name: _sorted_energy(layer.s) for name, layer in layers}
     caps = {name: layer.rank for name, layer in layers}

@@ -16,15 +16,18 @@ times enough calls to last ≥ 2 ms; the median round decides. A training choice
 written into the layer (`layer.set_form`), which `mode="auto"` then follows; a layer
 never tuned keeps the MAC rule. Inference choices are only reported: they decide what
 `compress(policy="latency")` deploys. Results are cached per (layer geometry, rank, input
-shape, input-requires-grad, input layout, device, dtype, threads, training), so after a
-rank cut only the layers whose rank changed are timed again, and equal layers are timed
-once.
+shape, input dtype, input-requires-grad, input layout, device, parameter dtype, autocast
+state, threads, training), so after a rank cut only the layers whose rank changed are timed
+again, and equal layers are timed once. A layer called at several input shapes gets a form
+for each.
 
 The activations' memory format is a form too: with `memory_format="auto"` the layers are
 tuned under NCHW and under channels-last (each on a copy of the model), a whole model step
 is timed in each layout, and the model's layout changes (`set_memory_format`) only when
-the other one is ≥ 5% faster. `time_models` times whole models the same interleaved way
-(used by `compress`).
+the other one is ≥ 5% faster. A model whose forward fails channels-last (a `.view()` of a
+conv output) keeps NCHW, and the report says why. `time_models` times whole models the
+same interleaved way (used by `compress`). Both leave the torch random number generators
+as they found them.
 
 Example::
 
@@ -36,11 +39,12 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -99,16 +103,19 @@ class TuneReport:
     training: bool
     seconds: float
     layers: list[LayerForm] = field(default_factory=list)
-    # memory_format="auto": the format chosen and {format: median ms of a model step}.
+    # memory_format="auto": the format chosen, {format: median ms of a model step} and
+    # {format: why it was no candidate} (the model's forward fails in it).
     memory_format: str | None = None
     memory_format_ms: dict[str, float] = field(default_factory=dict)
+    memory_format_skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def timed(self) -> int:
         return sum(not lay.cached for lay in self.layers)
 
     def forms(self) -> dict[str, str]:
-        """{layer name: form} (the form at the layer's first input shape)."""
+        """{layer name: form} (the form at the layer's first input shape; `layers` holds
+        every shape's)."""
         out: dict[str, str] = {}
         for lay in self.layers:
             out.setdefault(lay.name, lay.form)
@@ -136,9 +143,14 @@ class TuneReport:
             + f"\n{what}; {self.timed} timed, {len(self.layers) - self.timed} from the cache, "
             f"{self.seconds:.2f} s"
         )
-        if self.memory_format_ms:
+        if self.memory_format_ms or self.memory_format_skipped:
             times = ", ".join(f"{k} {v:.3f} ms" for k, v in self.memory_format_ms.items())
-            text += f"\nmodel step by memory format: {times}; chosen: {self.memory_format}"
+            text += (
+                f"\nmodel step by memory format: {times or 'not timed'}; "
+                f"chosen: {self.memory_format}"
+            )
+            for fmt, why in self.memory_format_skipped.items():
+                text += f"\n{fmt} left out: {why}"
         return text
 
 
@@ -156,6 +168,39 @@ def _as_args(example_inputs) -> tuple:
         "example_inputs must be a tensor or a tuple of the model's positional arguments "
         f"(it is called as model(*example_inputs)), got {type(example_inputs).__name__}"
     )
+
+
+def _as_kwargs(example_kwargs) -> dict:
+    if example_kwargs is not None and not isinstance(example_kwargs, dict):
+        raise TypeError(
+            f"example_kwargs must be a dict of keyword arguments, got "
+            f"{type(example_kwargs).__name__}"
+        )
+    return dict(example_kwargs or {})
+
+
+@contextlib.contextmanager
+def _rng_kept(tensors: Iterable) -> Iterator[None]:
+    """Restore the CPU random number generator, and that of every CUDA device `tensors` are
+    on, on exit: timing draws random inputs and runs forwards (dropout), and must not
+    change what the caller draws next."""
+    cuda = sorted({t.device.index for t in tensors if isinstance(t, torch.Tensor) and t.is_cuda})
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+        yield
+
+
+def _autocast_state(device_type: str) -> tuple[bool, torch.dtype | None]:
+    """(enabled, dtype) of autocast for `device_type`: a layer under bf16 autocast runs
+    other kernels than in fp32, so its timings must not be shared."""
+    if not torch.is_autocast_enabled(device_type):
+        return (False, None)
+    return (True, torch.get_autocast_dtype(device_type))
+
+
+def _forward_failure(exc: ValueError) -> str:
+    """The exception a forward raised, from the ValueError `_record_inputs` wrapped it in."""
+    cause = exc.__cause__ or exc
+    return f"{type(cause).__name__}: {cause}"
 
 
 def _channels_last(x: torch.Tensor) -> bool:
@@ -324,7 +369,13 @@ def _to_channels_last(module: nn.Module, args: tuple) -> tuple:
     )
 
 
-def set_memory_format(model: nn.Module, memory_format: str) -> nn.Module:
+def set_memory_format(
+    model: nn.Module,
+    memory_format: str,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    *,
+    example_kwargs: dict | None = None,
+) -> nn.Module:
     """Run `model`'s image activations in `memory_format`: "channels_last" (NHWC) or
     "contiguous" (NCHW, PyTorch's default).
 
@@ -332,12 +383,42 @@ def set_memory_format(model: nn.Module, memory_format: str) -> nn.Module:
     registers a forward pre-hook on `model` that converts its 4-D floating-point inputs;
     convolutions, batch norm, activations and pooling then keep that layout from layer
     to layer (SVD conv layers included), so oneDNN on CPU runs without a reorder per
-    conv. "contiguous" undoes it. The function computed is unchanged; returns `model`.
+    conv. "contiguous" undoes it. The values computed are unchanged, but a forward that
+    needs NCHW strides (`x.view(x.size(0), -1)` of a conv output; `.reshape()` and
+    `.flatten()` work in both) fails channels-last: pass `example_inputs` to check.
+
+    Args:
+        model: the model; returned.
+        memory_format: "contiguous" or "channels_last".
+        example_inputs: optional, a batch as in `tune_forms` (`model(*example_inputs,
+            **example_kwargs)`): an eval, no-grad forward on a copy of `model` in
+            `memory_format` must run, else ValueError and `model` is left unchanged.
+            Without it nothing is checked.
+        example_kwargs: keyword arguments of that forward.
+
+    Example::
+
+        svdkern.set_memory_format(model, "channels_last", torch.randn(8, 3, 32, 32))
     """
     if memory_format not in MEMORY_FORMATS:
         raise ValueError(
             f"memory_format must be one of {tuple(MEMORY_FORMATS)}, got {memory_format!r}"
         )
+    kwargs = _as_kwargs(example_kwargs)
+    if example_inputs is not None:
+        args = _as_args(example_inputs)
+        twin = set_memory_format(copy.deepcopy(model), memory_format)
+        try:
+            _record_inputs(twin, args, kwargs, training=False)
+        except ValueError as exc:
+            _record_inputs(model, args, kwargs, training=False)  # bad inputs: say so
+            raise ValueError(
+                f"memory_format={memory_format!r}: the model's forward fails in this layout "
+                f"on example_inputs ({_forward_failure(exc)}) although it runs in its current "
+                f"one ({memory_format_of(model)!r}); the model is left unchanged. Replace a "
+                "layout-dependent op (.view() of a conv output: .reshape() or .flatten()) "
+                "or keep the current layout"
+            ) from exc.__cause__
     model.to(memory_format=MEMORY_FORMATS[memory_format])
     for key, hook in list(model._forward_pre_hooks.items()):
         if hook is _to_channels_last:
@@ -373,31 +454,42 @@ def _model_step(model: nn.Module, args: tuple, kwargs: dict, training: bool) -> 
 
 def _tune_memory_format(
     model: nn.Module, args: tuple, kwargs: dict, training: bool, repeats: int, use_cache: bool
-) -> dict[str, float]:
-    """{format: median ms of a model step} with each format and its own tuned forms, timed
-    on copies of `model` (its weights, statistics and gradients stay untouched)."""
-    steps = {}
+) -> tuple[dict[str, float], dict[str, str]]:
+    """({format: median ms of a model step}, {format: why it is no candidate}): each format
+    with its own tuned forms, timed on copies of `model` (its weights, statistics and
+    gradients stay untouched). A format the forward fails in is left out (contiguous, the
+    default, failing means the inputs are wrong: ValueError); with one format left nothing
+    is timed."""
+    twins, skipped = {}, {}
     for fmt in MEMORY_FORMATS:
         twin = set_memory_format(copy.deepcopy(model), fmt)
-        report = TuneReport(training, 0.0)
-        _tune_layers(twin, args, kwargs, training, repeats, use_cache, report)
+        try:
+            twins[fmt] = (twin, _record_inputs(twin, args, kwargs, training))
+        except ValueError as exc:
+            if fmt == "contiguous":
+                raise
+            skipped[fmt] = f"the model's forward fails in this layout ({_forward_failure(exc)})"
+    if len(twins) < 2:
+        return {}, skipped
+    steps = {}
+    for fmt, (twin, calls) in twins.items():
+        _tune_layers(twin, calls, training, repeats, use_cache, TuneReport(training, 0.0))
         steps[fmt] = _model_step(twin, args, kwargs, training)
     device = next(model.parameters()).device
-    return _time_interleaved(steps, repeats, device)
+    return _time_interleaved(steps, repeats, device), skipped
 
 
 def _tune_layers(
     model: nn.Module,
-    args: tuple,
-    kwargs: dict,
+    calls: list[tuple[str, SVDLayer, tuple[int, ...], torch.dtype, bool, bool]],
     training: bool,
     repeats: int,
     use_cache: bool,
     report: TuneReport,
 ) -> None:
-    """Time (or take from the cache) every SVD layer's forms at the inputs `args` give it;
-    fix the training choice in the layer; append a LayerForm per call to `report`."""
-    calls = _record_inputs(model, args, kwargs, training)
+    """Time (or take from the cache) every SVD layer's forms at the inputs `calls`
+    (`_record_inputs`) recorded; fix the training choice in the layer for each input shape;
+    append a LayerForm per call to `report`."""
     for name, layer, shape, dtype, input_grad, channels_last in calls:
         device = layer.U.device
         key = (
@@ -410,6 +502,7 @@ def _tune_layers(
             str(device),
             dtype,
             layer.U.dtype,
+            _autocast_state(device.type),
             torch.get_num_threads(),
             bool(training),
         )
@@ -443,29 +536,33 @@ def time_models(
 ) -> dict[str, list[float]]:
     """{name: [median ms of an eval, no-grad forward per example]} of every model, each
     example's models timed interleaved (the same rounds fall on all of them alike), a
-    round being ≥ round_s long or max_calls calls."""
+    round being ≥ round_s long or max_calls calls. The torch random number generators are
+    left as found."""
     out: dict[str, list[float]] = {name: [] for name in models}
     flags = {name: m.training for name, m in models.items()}
-    try:
-        for args, kwargs in examples:
+    tensors = [t for m in models.values() for t in (*m.parameters(), *m.buffers())]
+    tensors += [t for args, kwargs in examples for t in (*args, *kwargs.values())]
+    with _rng_kept(tensors):
+        try:
+            for args, kwargs in examples:
 
-            def forward(model: nn.Module, args=args, kwargs=kwargs) -> Callable[[], None]:
-                def run() -> None:
-                    with torch.no_grad():
-                        model(*args, **kwargs)
+                def forward(model: nn.Module, args=args, kwargs=kwargs) -> Callable[[], None]:
+                    def run() -> None:
+                        with torch.no_grad():
+                            model(*args, **kwargs)
 
-                return run
+                    return run
 
-            fns = {name: forward(m.eval()) for name, m in models.items()}
-            device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
-            times = _time_interleaved(
-                fns, repeats, device or torch.device("cpu"), round_s, max_calls
-            )
-            for name, ms in times.items():
-                out[name].append(ms)
-    finally:
-        for name, m in models.items():
-            m.train(flags[name])
+                fns = {name: forward(m.eval()) for name, m in models.items()}
+                device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+                times = _time_interleaved(
+                    fns, repeats, device or torch.device("cpu"), round_s, max_calls
+                )
+                for name, ms in times.items():
+                    out[name].append(ms)
+        finally:
+            for name, m in models.items():
+                m.train(flags[name])
     return out
 
 
@@ -493,21 +590,26 @@ def tune_forms(
             left unchanged; `svdkern.compress(policy="latency")` deploys the choice); the
             pair wins only when ≥ 5% faster.
         repeats: interleaved timing rounds per candidate (median of them decides), ≥ 1.
-        use_cache: reuse earlier measurements of the same layer geometry, rank, input,
-            device, dtype and thread count.
+        use_cache: reuse earlier measurements of the same layer geometry, rank, input
+            (shape, dtype, layout), device, parameter dtype, autocast state and thread
+            count.
         example_kwargs: keyword arguments of that forward (`model(*example_inputs,
             **example_kwargs)`).
         memory_format: None leaves the model's layout alone; "contiguous" or
-            "channels_last" sets it (`set_memory_format`); "auto" (image inputs only)
-            tunes the layers under both layouts on copies of the model, times a whole
-            model step with each, and changes the model's layout (contiguous for a
-            model never set) only when the other one is ≥ 5% faster.
+            "channels_last" sets it (`set_memory_format`, checked on example_inputs:
+            ValueError if the forward fails in it); "auto" (image inputs only) tunes the
+            layers under both layouts on copies of the model, times a whole model step
+            with each, and changes the model's layout (contiguous for a model never set)
+            only when the other one is ≥ 5% faster. A layout the forward fails in (a
+            `.view()` of a conv output, channels-last) is no candidate; the report's
+            `memory_format_skipped` says why.
             The layout is part of the form: on CPU, oneDNN runs thin convolutions far
             faster channels-last (no reorder per conv), which is what makes low-rank
             conv chains pay off there.
     Returns:
         TuneReport (per layer and input shape: median ms of each candidate, the choice;
-        `str(report)` is a table).
+        `str(report)` is a table). The torch random number generators (CPU, and the
+        CUDA devices of the model and inputs) are left as found.
 
     Example::
 
@@ -518,12 +620,7 @@ def tune_forms(
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
     args = _as_args(example_inputs)
-    if example_kwargs is not None and not isinstance(example_kwargs, dict):
-        raise TypeError(
-            f"example_kwargs must be a dict of keyword arguments, got "
-            f"{type(example_kwargs).__name__}"
-        )
-    kwargs = dict(example_kwargs or {})
+    kwargs = _as_kwargs(example_kwargs)
     if not svd_layers(model):
         raise ValueError(
             "model has no SVD layers to tune; decompose it first (svdkern.decompose(model))"
@@ -536,20 +633,24 @@ def tune_forms(
     start = time.perf_counter()
     report = TuneReport(bool(training), 0.0)
     images = any(isinstance(a, torch.Tensor) and a.dim() == 4 for a in args)
-    if memory_format == "auto" and images:
-        report.memory_format_ms = _tune_memory_format(
-            model, args, kwargs, training, repeats, use_cache
-        )
-        times = report.memory_format_ms
-        # The other layout must win clearly: a layout change by timing noise would be
-        # churn (re-tuning after every rank cut would flip a near tie back and forth).
-        current = memory_format_of(model)
-        other = "contiguous" if current == "channels_last" else "channels_last"
-        faster = times[other] < (1 - _DEPLOY_MARGIN) * times[current]
-        memory_format = other if faster else current
-    if memory_format in MEMORY_FORMATS:
-        set_memory_format(model, memory_format)
-    report.memory_format = memory_format_of(model)
-    _tune_layers(model, args, kwargs, training, repeats, use_cache, report)
+    tensors = [*model.parameters(), *model.buffers(), *args, *kwargs.values()]
+    with _rng_kept(tensors):
+        if memory_format in MEMORY_FORMATS:
+            set_memory_format(model, memory_format, args, example_kwargs=kwargs)
+        elif memory_format == "auto" and images:
+            times, skipped = _tune_memory_format(model, args, kwargs, training, repeats, use_cache)
+            report.memory_format_ms, report.memory_format_skipped = times, skipped
+            current = memory_format_of(model)
+            if times:
+                # The other layout must win clearly: a layout change by timing noise would be
+                # churn (re-tuning after every rank cut would flip a near tie back and forth).
+                other = "contiguous" if current == "channels_last" else "channels_last"
+                faster = times[other] < (1 - _DEPLOY_MARGIN) * times[current]
+                set_memory_format(model, other if faster else current)
+            else:
+                set_memory_format(model, next(f for f in MEMORY_FORMATS if f not in skipped))
+        report.memory_format = memory_format_of(model)
+        calls = _record_inputs(model, args, kwargs, training)
+        _tune_layers(model, calls, training, repeats, use_cache, report)
     report.seconds = time.perf_counter() - start
     return report

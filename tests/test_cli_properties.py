@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -340,3 +341,29 @@ def test_a_path_with_a_line_break_is_one_error_line(flag, monkeypatch):
     assert outcome == "error"
     _assert_one_error_line(stderr, argv)
     assert "\\n" in stderr.splitlines()[-1]
+
+
+NUMBER_FLAGS = sorted(
+    flag
+    for flag, action in _parser_actions().items()
+    if getattr(action.type, "kind", None) == "a number"
+)
+
+
+@pytest.mark.parametrize("value", ["1e39", "3.4028235e38", "-1e39", "inf", "-inf", "nan"])
+@pytest.mark.parametrize("flag", NUMBER_FLAGS)
+def test_every_number_flag_refuses_what_float32_cannot_hold_in_one_line(flag, value, monkeypatch):
+    argv = [f"{flag}={value}"]
+    outcome, _, stderr = _run_train(argv, monkeypatch)
+    assert outcome == "error", (argv, stderr)
+    _assert_one_error_line(stderr, argv)
+    assert f"argument {flag}: " in stderr
+
+
+def test_the_largest_accepted_lr_is_one_torch_applies_to_float32_tensors(monkeypatch):
+    largest = repr(config._FLOAT32_MAX)
+    outcome, cfg, stderr = _run_train(["--lr", largest, "--momentum", largest], monkeypatch)
+    assert outcome == "accepted", stderr
+    weights, grads = [torch.zeros(3)], [torch.ones(3)]
+    torch._foreach_add_(weights, grads, alpha=-cfg["lr"])  # raises beyond the float32 range
+    assert torch.equal(weights[0], torch.full((3,), -config._FLOAT32_MAX))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import functools
 import re
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -106,6 +108,46 @@ def test_decompose_skip_by_names_and_predicate():
 def test_decompose_unknown_skip_name_is_an_error():
     with pytest.raises(ValueError, match="skip"):
         svdkern.decompose(_resnet(), skip=["layer9"])
+
+
+def test_decompose_skip_glob_matching_nothing_raises_naming_the_glob_and_layers():
+    with pytest.raises(ValueError, match=r"skip.*\['typo\*'\].*'layer1\.conv1'"):
+        svdkern.decompose(_resnet(), skip=["fc", "typo*"])
+    with pytest.raises(ValueError, match=r"\['typo\*'\]"):
+        svdkern.plan(_resnet(), skip="typo*")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_decompose_non_finite_weight_raises_naming_the_layer(value):
+    model = _resnet()
+    with torch.no_grad():
+        model.layer1.conv2.weight[0, 0, 0, 0] = value
+    before = copy.deepcopy(model)
+    with pytest.raises(ValueError, match=r"'layer1\.conv2\.weight' \(\d NaN, \d inf.*not finite"):
+        svdkern.decompose(model)
+    assert type(model.layer1.conv1) is nn.Conv2d  # checked before any layer is converted
+    assert str(model) == str(before)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_from_dense_non_finite_weight_raises(value):
+    linear = nn.Linear(4, 3)
+    with torch.no_grad():
+        linear.weight[1, 2] = value
+    with pytest.raises(ValueError, match="weight of shape \\[3, 4\\] is not finite"):
+        SVDLinear.from_dense(linear)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_decompose_and_plan_of_a_compiled_model_take_the_models_own_names():
+    model = _resnet()
+    compiled = torch.compile(model)
+    report = svdkern.plan(compiled, skip=["fc", "layer2.*"])
+    assert {p.name for p in report.left} >= {"fc", "layer2.conv1"}
+    assert all(not p.name.startswith("_orig_mod") for p in report.layers)
+    assert svdkern.decompose(compiled, skip=["fc", "_orig_mod.layer2.*"]) is compiled
+    assert type(model.fc) is nn.Linear and type(model.layer2.conv1) is nn.Conv2d
+    assert isinstance(model.layer1.conv1, SVDConv2d)
 
 
 def test_decompose_leaves_grouped_conv_dense_with_warning():
@@ -429,3 +471,120 @@ def test_compress_with_a_wrong_input_shape_names_input_shape():
     model = nn.Sequential(SVDConv2d(3, 4, 3), nn.Flatten(), SVDLinear(4 * 4 * 4, 2))
     with pytest.raises(ValueError, match=r"input_shape=\(3, 6, 6\)"):
         svdkern.compress(model, input_shape=(3, 6, 6))
+
+
+def _small_svd(dtype=torch.float32) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", svdkern.DecomposeWarning)
+        model = svdkern.decompose(_LOAD_MODELS["SVDConv2d"]().to(dtype))
+    return model
+
+
+def _tensors(model: nn.Module) -> list[torch.Tensor]:
+    return [*model.parameters(), *model.buffers()]
+
+
+def test_load_state_dict_copies_into_the_models_own_tensors():
+    src, dst = _small_svd(), _small_svd()
+    svdkern.prune(src, ranks={"*": 2})
+    state = src.state_dict()
+    metadata = copy.deepcopy(state._metadata)
+    svdkern.load_state_dict(dst, state)
+    assert state._metadata == metadata
+    source_ptrs = {t.data_ptr() for t in state.values()}
+    assert all(t.data_ptr() not in source_ptrs for t in _tensors(dst))
+    assert all(isinstance(p, nn.Parameter) for p in dst.parameters())
+    before = copy.deepcopy(src.state_dict())
+    opt = torch.optim.SGD(dst.parameters(), lr=0.1)
+    dst(torch.randn(2, 3, 6, 6)).square().sum().backward()
+    opt.step()
+    for key, value in src.state_dict().items():
+        assert torch.equal(value, before[key]), key
+        assert torch.equal(state[key], before[key]), key
+    assert not torch.equal(dst[0].U, src[0].U)
+
+
+def test_two_models_loaded_from_one_dict_are_independent():
+    src = _small_svd()
+    svdkern.prune(src, ranks={"*": 2})
+    state = src.state_dict()
+    a, b = _small_svd(), _small_svd()
+    svdkern.load_state_dict(a, state)
+    svdkern.load_state_dict(b, state)
+    assert {t.data_ptr() for t in _tensors(a)}.isdisjoint(t.data_ptr() for t in _tensors(b))
+    with torch.no_grad():
+        a[0].U.add_(1.0)
+    torch.testing.assert_close(b[0].U, src[0].U, rtol=0, atol=0)
+
+
+def test_load_state_dict_keeps_a_float64_model_float64():
+    src = _small_svd(torch.float32)
+    svdkern.prune(src, ranks={"*": 2})
+    dst = _small_svd(torch.float64)
+    svdkern.load_state_dict(dst, src.state_dict())
+    assert all(t.dtype == torch.float64 for t in _tensors(dst))
+    assert all(layer.rank == 2 for _, layer in svdkern.nn.svd_layers(dst))
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(dst(x.double()).float(), src(x), rtol=1e-5, atol=1e-6)
+
+
+def test_load_state_dict_of_a_higher_rank_checkpoint_grows_a_pruned_model():
+    full, pruned = _small_svd(), _small_svd()
+    svdkern.prune(pruned, ranks={"*": 1})
+    svdkern.load_state_dict(pruned, full.state_dict())
+    assert [lay.rank for _, lay in svdkern.nn.svd_layers(pruned)] == [
+        lay.rank for _, lay in svdkern.nn.svd_layers(full)
+    ]
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(pruned(x), full(x), rtol=0, atol=0)
+    assert {t.data_ptr() for t in _tensors(pruned)}.isdisjoint(t.data_ptr() for t in _tensors(full))
+
+
+def _channels_last_svd_model() -> nn.Module:
+    model = _small_svd()
+    svdkern.prune(model, ranks={"*": 2})
+    return svdkern.set_memory_format(model, "channels_last")
+
+
+def _hooks(model: nn.Module) -> list:
+    return [h for m in model.modules() for h in m._forward_pre_hooks.values()]
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+@pytest.mark.parametrize("policy", ["flops", "lowrank", "dense"])
+def test_compress_drops_the_channels_last_hook_and_scripts(policy):
+    model = _channels_last_svd_model()
+    plain = svdkern.compress(model, policy)
+    assert not any(getattr(h, "__module__", "").startswith("svdkern") for h in _hooks(plain))
+    assert _hooks(model)  # the SVD model keeps its hook
+    x = torch.randn(2, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(torch.jit.script(plain)(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_compressed_channels_last_model_loads_without_svdkern(tmp_path):
+    model = _channels_last_svd_model()
+    x = torch.randn(2, 3, 6, 6)
+    path = tmp_path / "deployed.pt"
+    torch.save(svdkern.compress(model, "lowrank"), path)
+    torch.save({"x": x, "y": model(x).detach()}, tmp_path / "io.pt")
+    script = (
+        "import sys; sys.modules['svdkern'] = None\n"
+        "import torch\n"
+        f"model = torch.load({str(path)!r}, weights_only=False)\n"
+        f"io = torch.load({str(tmp_path / 'io.pt')!r})\n"
+        "torch.testing.assert_close(model(io['x']), io['y'], rtol=1e-5, atol=1e-6)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("policy", ["flops", "latency", "lowrank", "dense"])
+def test_compress_leaves_the_global_rng_as_it_found_it(monkeypatch, policy):
+    svdkern.clear_tune_cache()
+    model = nn.Sequential(SVDLinear(16, 16, rank=2), SVDLinear(16, 16, rank=3))
+    monkeypatch.setattr(svdkern.tune, "_measure", _fake_measure({(2, 1): True}))
+    monkeypatch.setattr(svdkern.tune, "time_models", _fake_model_times(FASTEST_LATENCY))
+    state = torch.get_rng_state()
+    svdkern.compress(model, policy, input_shape=(1, 16))
+    assert torch.equal(torch.get_rng_state(), state)
+    svdkern.clear_tune_cache()

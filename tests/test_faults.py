@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -225,3 +228,81 @@ def test_failed_metrics_write_names_the_file(tmp_path, monkeypatch, capsys):
         f"svdkern train: error: cannot write {run / 'metrics.jsonl'}: No space left on device; "
         f"no checkpoint yet: make room and start again with --resume {run}"
     )
+
+
+# --- divergence -----------------------------------------------------------------------------
+
+# One SGD step per epoch (the synthetic training set is 320 samples) at a learning rate that
+# ruins the weights: with 1e36 the first epoch already ends with a NaN test loss; with 1e12 the
+# first ends with weights of ~1e34 and a finite test loss, the second with a NaN test loss.
+DIVERGING = ["--data", "synthetic", "--quiet", "--method", "dense", "--dense-epochs", "3"]
+DIVERGING += ["--batch-size", "320", "--optimizer", "sgd", "--momentum", "0"]
+
+
+def _good_checkpoint(run: Path, err: str) -> tuple[str, int] | None:
+    """The (phase, epoch) the error names as the last good checkpoint, checked to be good:
+    all its weights finite, and so the test loss metrics.jsonl recorded for it."""
+    named = re.search(r"last good checkpoint is (\S+) \((\w+), epoch (\d+)\)", err)
+    if named is None:
+        return None
+    assert named[1] == str(run / "checkpoint.pt")
+    state = checkpoint.load(run / "checkpoint.pt")
+    assert (state["phase"], state["epoch"]) == (named[2], int(named[3]))
+    for name, tensor in state["model"].items():
+        assert tensor.isfinite().all(), name
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["epoch"]) for r in rows][-1] == (state["phase"], state["epoch"])
+    assert all(math.isfinite(r["test_loss"]) for r in rows), rows
+    return state["phase"], state["epoch"]
+
+
+@pytest.mark.parametrize(
+    "lr, good", [("1e36", None), ("1e12", ("dense", 1))], ids=["lr-1e36", "lr-1e12"]
+)
+def test_divergence_names_the_last_checkpoint_with_finite_weights_and_test_loss(
+    tmp_path, capsys, lr, good
+):
+    run = tmp_path / "run"
+    assert main(["train", *DIVERGING, "--lr", lr, "--out", str(run)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("svdkern train: error: "), err
+    assert "test loss became nan after phase 'dense', epoch " in err
+    assert _good_checkpoint(run, err) == good
+    if good is None:
+        assert "No good checkpoint yet" in err and not (run / "checkpoint.pt").exists()
+
+
+def test_non_finite_weights_after_an_epoch_are_not_checkpointed_and_resume_goes_on(
+    reference, tmp_path, monkeypatch, capsys
+):
+    # The loss is finite before every step, but the last step of dense epoch 2 leaves a NaN.
+    train_epoch = loop.Pipeline._train_epoch
+
+    def poisoned(self, index, epoch, *args):
+        sums = train_epoch(self, index, epoch, *args)
+        if (self.phases[index], epoch) == ("dense", 1):
+            with torch.no_grad():
+                args[2].fc2.weight[0, 0] = math.nan
+        return sums
+
+    monkeypatch.setattr(loop.Pipeline, "_train_epoch", poisoned)
+    run = tmp_path / "run"
+    assert main(["train", *ARGS, "--out", str(run)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "the weights became NaN or inf in phase 'dense', epoch 2 (fc2.weight)" in err
+    assert _good_checkpoint(run, err) == ("dense", 1)
+    assert not (run / "dense.pt").exists()
+
+    # A checkpoint with non-finite weights (as an older svdkern wrote them) is not called good.
+    monkeypatch.undo()
+    bad = tmp_path / "bad"
+    shutil.copytree(run, bad)
+    state = checkpoint.load(bad / "checkpoint.pt")
+    state["model"]["fc2.weight"][0, 0] = math.inf
+    checkpoint.save_atomic(state, bad / "checkpoint.pt")
+    assert main(["train", "--resume", str(bad), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert f"No good checkpoint: {bad / 'checkpoint.pt'} (dense, epoch 1) holds NaN or inf" in err
+
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    _same_run(reference, run)

@@ -311,6 +311,19 @@ def test_ranks_glob_without_a_match_is_an_error():
         svdkern.prune(_trained_like(_Blocks()), ranks={"blocks.*.nope": 2})
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")
+def test_prune_of_a_compiled_model_takes_the_models_own_names():
+    model = _trained_like(_Blocks())
+    compiled = torch.compile(model)
+    report = svdkern.prune(compiled, ranks={"head": 2, "blocks.0.*": 3})
+    ranks = {lay.name: lay.rank_after for lay in report.layers}
+    assert ranks["head"] == 2 and ranks["blocks.0.fc1"] == 3 and model.head.rank == 2
+    svdkern.prune(compiled, ranks={"_orig_mod.head": 1})  # the wrapper's names also work
+    assert model.head.rank == 1
+    again = svdkern.prune(compiled, ranks=dict.fromkeys(ranks, 1), dry_run=True)
+    assert [lay.name for lay in again.layers] == list(ranks)
+
+
 def test_min_rank_floors_the_energy_rule_capped_at_the_rank():
     model = nn.Sequential(_layer_with([3.0, 1e-4, 1e-4, 1e-4, 1e-4, 1e-4]), _layer_with([1.0, 0.0]))
     svdkern.prune(model, energy=1e-3, min_rank=4)

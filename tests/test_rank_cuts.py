@@ -214,3 +214,50 @@ def test_compiled_training_recompiles_once_per_distinct_rank():
             step(x).backward()
             opt.step()
     assert counts.frame_count == 3
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_cut_between_backward_and_step_equals_a_model_built_at_the_cut_ranks(name):
+    model = Net()
+    opt = OPTIMIZERS[name](model.parameters())
+    batches = _data(6)
+    _train(model, opt, batches[:3])
+    x, y = batches[3]
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+
+    ranks = {"conv": 3, "spatial": 5, "fc": 2}
+    keep = {
+        layer: torch.sort(torch.topk(getattr(model, layer).s.detach().abs(), k).indices).values
+        for layer, k in ranks.items()
+    }
+    built = Net(ranks=(3, 5, 2))
+    with torch.no_grad():
+        for layer, idx in keep.items():
+            src, dst = getattr(model, layer), getattr(built, layer)
+            for key in ("U", "s", "V", "bias"):
+                a, b = getattr(src, key), getattr(dst, key)
+                cols = slice(None) if key == "bias" else idx
+                index = (cols,) if key in ("s", "bias") else (slice(None), cols)
+                b.copy_(a[index])
+                b.grad = a.grad[index].clone()
+    built_opt = OPTIMIZERS[name](built.parameters())
+    built_opt.load_state_dict(_sliced_state(opt, model, keep))
+
+    svdkern.prune(model, ranks=ranks, optimizer=opt)
+    for layer in ranks:
+        for key in ("U", "s", "V"):
+            torch.testing.assert_close(
+                getattr(getattr(model, layer), key).grad,
+                getattr(getattr(built, layer), key).grad,
+                rtol=0,
+                atol=0,
+            )
+    opt.step()
+    built_opt.step()
+    _assert_same(model, built)
+    _train(model, opt, batches[4:])
+    _train(built, built_opt, batches[4:])
+    _assert_same(model, built)
+    step = [s["step"] for s in opt.state.values() if "step" in s]
+    assert all(int(v) == 6 for v in step)

@@ -330,3 +330,38 @@ def test_tie_weights_works_after_decompose_and_keeps_the_head_shared():
     embedding = model.get_input_embeddings().weight
     assert model.lm_head.weight is embedding
     assert _rel_err(_run(model, args, kwargs), expected) <= EXACT_RTOL
+
+
+def test_load_state_dict_round_trips_tied_gpt2_and_its_optimizer_after_a_rank_cut():
+    args, kwargs, targets = _batch("gpt2")
+    model = _decompose(_build("gpt2")).train()
+    count = len(list(model.parameters()))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step(m: nn.Module, o: torch.optim.Optimizer) -> None:
+        o.zero_grad()
+        m(*args, **kwargs, **targets).loss.backward()
+        o.step()
+
+    step(model, opt)
+    svdkern.prune(model, ranks={"*": 8}, optimizer=opt)
+    step(model, opt)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+
+    fresh = _decompose(_build("gpt2")).train()  # other random weights, full ranks
+    svdkern.load_state_dict(fresh, saved["model"])
+    assert len(list(fresh.parameters())) == count
+    assert fresh.lm_head.weight is fresh.get_input_embeddings().weight
+    assert {n: lay.rank for n, lay in svd_layers(fresh)} == dict.fromkeys(
+        (n for n, _ in svd_layers(model)), 8
+    )
+    fresh_opt = torch.optim.Adam(fresh.parameters(), lr=1e-3)
+    fresh_opt.load_state_dict(saved["opt"])
+    step(model, opt)
+    step(fresh, fresh_opt)
+    expected = model.state_dict()
+    for key, value in fresh.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)

@@ -209,6 +209,15 @@ def test_command_line_flag_overrides_an_exclusive_config_key(tmp_path):
             "argument --config: keys 'dense-epochs' and 'dense_epochs' in .* set the same flag",
         ),
         (["--lr", "-5"], "argument --lr: must be > 0, got -5"),
+        (["--lr", "1e39"], r"argument --lr: must be at most 3.402823e\+38 \(the largest float32"),
+        (["--lr", "1e-50"], "argument --lr: must be > 0, got 1e-50, which is 0 in float32"),
+        (["--lr", "inf"], "argument --lr: must be a finite number, got inf"),
+        (["--weight-decay", "1e39"], "argument --weight-decay: must be at most 3.402823e"),
+        (
+            ["--data", "synthetic", "--multiple-of", "1000"],
+            "argument --multiple-of: 1000 is not below the rank of any SVD layer of --model mlp "
+            r"\(the largest is 256, fc2\): .*nothing would be pruned; use a value below 256",
+        ),
         (["--compile", "nosuch"], "argument --compile: unknown torch.compile backend 'nosuch'"),
         (["--compile="], "argument --compile: unknown torch.compile backend ''"),
         (["--seed", "-1"], "argument --seed: must be >= 0"),
@@ -266,6 +275,7 @@ def test_check_saved_accepts_every_resolved_configuration():
     "change, message",
     [
         ({"lr": -5.0}, "runs/a/checkpoint.pt: config key 'lr': must be > 0, got -5.0"),
+        ({"momentum": 1e39}, "config key 'momentum': must be at most 3.402823e"),
         ({"batch_size": 0}, "config key 'batch_size': must be >= 1, got 0"),
         ({"batch_size": 16.5}, "config key 'batch_size': expected an integer, got 16.5"),
         ({"orth": True}, "config key 'orth': expected a number, got True"),

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import svdkern
 from svdkern import tune
@@ -33,6 +34,36 @@ def _cnn() -> nn.Module:
         nn.Flatten(),
         SVDLinear(8 * 6 * 6, 10),
     )
+
+
+class _LeNet(nn.Module):
+    """Flattens with `.view()`, which needs NCHW strides: its forward fails channels-last."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.relu(self.conv2(x))
+        return self.fc(x.view(x.size(0), -1))
+
+
+def _lenet() -> nn.Module:
+    return svdkern.decompose(_LeNet())
+
+
+class _TwoShapes(nn.Module):
+    """One SVD layer called at two input shapes in one forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = SVDLinear(16, 16)
+
+    def forward(self, x):
+        return self.lin(x).sum() + self.lin(x[:2]).sum()
 
 
 def test_interleaved_timing_ranks_a_slow_function_above_a_fast_one():
@@ -153,6 +184,63 @@ def test_tune_rejects_bad_arguments(kwargs, error, match):
         svdkern.tune_forms(nn.Sequential(SVDLinear(4, 4)), **args)
 
 
+def test_layer_called_at_two_shapes_gets_a_form_for_each():
+    model = _TwoShapes()
+    report = svdkern.tune_forms(model, torch.randn(5, 16), repeats=1)
+    assert [(lay.name, lay.input_shape) for lay in report.layers] == [
+        ("lin", (5, 16)),
+        ("lin", (2, 16)),
+    ]
+    assert model.lin.forms == {
+        (True, lay.input_shape): lay.form == "chain" for lay in report.layers
+    }
+    assert "5×16" in str(report) and "2×16" in str(report)
+    inference = svdkern.tune_forms(model, torch.randn(5, 16), training=False, repeats=1)
+    assert [lay.input_shape for lay in inference.layers] == [(5, 16), (2, 16)]
+
+
+def test_cache_keeps_autocast_states_and_input_dtypes_apart():
+    model = nn.Sequential(SVDLinear(16, 16))
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = svdkern.tune_forms(model, x, repeats=1)
+    plain = svdkern.tune_forms(model, x, repeats=1)
+    assert autocast.timed == 1 and plain.timed == 1 and "(cached)" not in str(plain)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert svdkern.tune_forms(model, x, repeats=1).timed == 0  # the same state again
+        bf16 = svdkern.tune_forms(model, x.bfloat16(), repeats=1)  # fp32 timed, not bf16
+    assert bf16.timed == 1 and bf16.layers[0].input_shape == (4, 16)
+    assert len(tune._CACHE) == 3
+
+
+class _Noisy(nn.Module):
+    """Draws from the global generator in every forward, eval mode included."""
+
+    def forward(self, x):
+        return x + torch.rand_like(x)
+
+
+@pytest.mark.parametrize("memory_format", [None, "auto"])
+def test_tuning_and_timing_leave_the_random_number_generator_as_found(memory_format):
+    model = nn.Sequential(_cnn(), nn.Dropout(0.5))  # "auto" times train steps: dropout draws
+    x = torch.randn(2, 3, 6, 6)
+    state = torch.get_rng_state()
+    svdkern.tune_forms(model, x, repeats=1, memory_format=memory_format)
+    assert torch.equal(torch.get_rng_state(), state)
+    tune.time_models({"noisy": _Noisy()}, [((x,), {})], repeats=1, max_calls=2)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.cuda
+def test_tuning_on_cuda_leaves_its_random_number_generator_as_found():
+    model = nn.Sequential(_cnn(), nn.Dropout(0.5)).cuda()
+    x = torch.randn(2, 3, 6, 6, device="cuda")
+    cpu, cuda = torch.get_rng_state(), torch.cuda.get_rng_state()
+    svdkern.tune_forms(model, x, repeats=1, memory_format="auto")
+    assert torch.equal(torch.get_rng_state(), cpu)
+    assert torch.equal(torch.cuda.get_rng_state(), cuda)
+
+
 def test_tune_needs_svd_layers():
     with pytest.raises(ValueError, match="decompose"):
         svdkern.tune_forms(nn.Linear(4, 4), torch.randn(2, 4))
@@ -255,7 +343,7 @@ def test_auto_memory_format_keeps_contiguous_unless_clearly_faster(monkeypatch):
 def test_auto_memory_format_keeps_the_current_layout_in_a_near_tie(monkeypatch):
     # Re-tuning (after each rank cut) must not flip the layout on timing noise either way.
     times = {"contiguous": 1.0, "channels_last": 1.0}  # ms of a model step in each layout
-    monkeypatch.setattr(tune, "_tune_memory_format", lambda *args: dict(times))
+    monkeypatch.setattr(tune, "_tune_memory_format", lambda *args: (dict(times), {}))
     model = tune.set_memory_format(_cnn(), "channels_last")
     x = torch.randn(2, 3, 6, 6)
     for contiguous in (1.0, 0.97, 1.03):  # a tie, 3% either way: stays channels-last
@@ -268,6 +356,44 @@ def test_auto_memory_format_keeps_the_current_layout_in_a_near_tie(monkeypatch):
         "contiguous"
     )
     assert tune.memory_format_of(model) == "contiguous"
+
+
+def test_auto_memory_format_leaves_out_channels_last_when_the_forward_fails_in_it():
+    model = _lenet()
+    x = torch.randn(2, 3, 8, 8)
+    for preset in ("contiguous", "channels_last"):  # an unchecked channels-last goes back
+        tune.set_memory_format(model, preset)
+        report = svdkern.tune_forms(model, x, repeats=1, memory_format="auto")
+        assert report.memory_format == "contiguous" and report.memory_format_ms == {}
+        assert set(report.memory_format_skipped) == {"channels_last"}
+        assert "view size is not compatible" in report.memory_format_skipped["channels_last"]
+        assert "chosen: contiguous" in str(report) and "channels_last left out" in str(report)
+        assert tune.memory_format_of(model) == "contiguous"
+        assert [lay.name for lay in report.layers] == ["conv1", "conv2", "fc"]
+        model(x)
+
+
+def test_set_memory_format_refuses_a_layout_the_forward_fails_in():
+    model = _lenet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    before = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"memory_format='channels_last'.*view size.*unchanged"):
+        tune.set_memory_format(model, "channels_last", x)
+    with pytest.raises(ValueError, match=r"memory_format='channels_last'"):
+        svdkern.tune_forms(model, x, repeats=1, memory_format="channels_last")
+    assert tune.memory_format_of(model) == "contiguous" and not model._forward_pre_hooks
+    for key, value in model.state_dict().items():
+        assert value.is_contiguous() and torch.equal(value, state[key]), key
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+    # Inputs the model fails on in any layout are the inputs' fault.
+    with pytest.raises(ValueError, match="example_inputs: the model's forward failed"):
+        tune.set_memory_format(model, "channels_last", torch.randn(2, 5))
+    with pytest.raises(TypeError, match="example_kwargs"):
+        tune.set_memory_format(model, "channels_last", x, example_kwargs=[1])
+    # A model that runs channels-last is set.
+    cnn = tune.set_memory_format(_cnn(), "channels_last", torch.randn(2, 3, 6, 6))
+    assert tune.memory_format_of(cnn) == "channels_last"
 
 
 def test_auto_memory_format_ignores_models_without_image_inputs():

@@ -63,6 +63,19 @@ def _svd64(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return U, s, Vh.mT
 
 
+def _check_finite_weight(weight: torch.Tensor) -> None:
+    """Raise for a weight with NaN or inf entries (the SVD fails or returns NaN factors)."""
+    weight = weight.detach()
+    if weight.device.type == "meta" or bool(torch.isfinite(weight).all()):
+        return
+    nan, inf = int(weight.isnan().sum()), int(weight.isinf().sum())
+    raise ValueError(
+        f"weight of shape {list(weight.shape)} is not finite ({nan} NaN, {inf} inf of "
+        f"{weight.numel()} entries), so it has no SVD; fix or reinitialize it (e.g. reload a "
+        "checkpoint saved before training diverged)"
+    )
+
+
 class SVDLayer(nn.Module):
     """Base of the SVD layers: parameters U (m×r), s (r,), V (n×r), bias; the forward
     path choice, rank cuts and rank-aware state-dict loading."""
@@ -175,6 +188,7 @@ class SVDLayer(nn.Module):
     @torch.no_grad()
     def _init_from_weight(self, weight: torch.Tensor) -> None:
         """Set U, s, V to the top-`rank` factors of an exact float64 SVD of `weight`."""
+        _check_finite_weight(weight)
         U, s, V = _svd64(self._matrix_from_weight(weight))
         r = self.rank
         self.U.copy_(U[:, :r])
@@ -234,6 +248,8 @@ class SVDLayer(nn.Module):
                 Adam's step, to the new parameters, which replace the old ones in its
                 param groups. Training then goes on exactly as if the model had been
                 built at the new rank with that state.
+        Gradients (`.grad`) are sliced with the parameters, so a cut between
+        `backward()` and `optimizer.step()` loses no step.
         Returns:
             self. U, s, V are new Parameters: without `optimizer`, rebuild optimizers.
         """
@@ -244,6 +260,9 @@ class SVDLayer(nn.Module):
         for name, dim in (("U", 1), ("s", 0), ("V", 1)):
             old = getattr(self, name)
             new = nn.Parameter(old.index_select(dim, idx), old.requires_grad)
+            if old.grad is not None:
+                # A cut between backward() and step(): the step still sees this gradient.
+                new.grad = old.grad.index_select(dim, idx.to(old.grad.device))
             state = None if optimizer is None else _sliced_state(optimizer, old, idx, dim)
             swaps.append((name, old, new, state))
         for name, old, new, state in swaps:

@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 import svdkern
 from svdkern.train import checkpoint, config, report, rundir
+from svdkern.train.baselines import svd_layers
 from svdkern.train.data import DataError, load_dataset
 from svdkern.train.loop import (
     CHECKPOINT,
@@ -235,15 +236,31 @@ def _resume_config(
     return cfg, state
 
 
-def _check_target_flops(parser: argparse.ArgumentParser, pipe: Pipeline) -> None:
-    """Fail before training when --target-flops is below what rank 1 everywhere reaches:
-    that floor depends on the architecture only, so a fresh decomposed model tells."""
+def _check_prune_flags(parser: argparse.ArgumentParser, pipe: Pipeline) -> None:
+    """Fail before training when a pruning flag cannot work on this architecture (what it
+    allows depends on the layers' ranks only, so a fresh decomposed model tells):
+    --multiple-of not below any SVD layer's rank would round every rank back up to the
+    layer's full rank and prune nothing; --target-flops below what rank 1 everywhere
+    reaches cannot be met."""
     cfg = pipe.cfg
-    if cfg["target_flops"] is None or cfg["method"] == "dense":
+    if cfg["method"] == "dense" or (cfg["multiple_of"] is None and cfg["target_flops"] is None):
+        return
+    model = pipe.skeleton(svd=True)
+    layers = svd_layers(model)
+    if cfg["multiple_of"] is not None and layers:
+        name, widest = max(layers, key=lambda item: item[1].rank)
+        if cfg["multiple_of"] >= widest.rank:
+            parser.error(
+                f"argument --multiple-of: {cfg['multiple_of']} is not below the rank of any "
+                f"SVD layer of --model {cfg['model']} (the largest is {widest.rank}, {name}): "
+                "every pruned rank would round up to its layer's full rank and nothing would "
+                f"be pruned; use a value below {widest.rank}"
+            )
+    if cfg["target_flops"] is None:
         return
     try:
         svdkern.prune(
-            pipe.skeleton(svd=True),
+            model,
             target_flops=cfg["target_flops"],
             input_shape=pipe.input_shape,
             multiple_of=cfg["multiple_of"],
@@ -320,7 +337,7 @@ def _train(
         _seed(cfg["seed"])
         pipe = Pipeline(cfg, env, ds, resume=state)
         if state is None:
-            _check_target_flops(parser, pipe)
+            _check_prune_flags(parser, pipe)
             if cfg["init"]:
                 try:
                     pipe.init_state()

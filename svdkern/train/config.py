@@ -17,6 +17,7 @@ import argparse
 import datetime
 import itertools
 import math
+import struct
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -82,22 +83,54 @@ def _kind(description: str):
     return tag
 
 
+# The largest finite float32. Training runs in float32: a factor beyond it (--lr 1e39)
+# cannot be applied to a tensor, and a tiny one (1e-50) is 0 there.
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _as_float32(value: float) -> float:
+    """`value` rounded to float32; ±inf beyond the largest float32 (as torch's checked
+    conversion of a scalar sees it: 3.4028235e38 rounds to it but overflows)."""
+    if abs(value) > _FLOAT32_MAX:
+        return math.copysign(math.inf, value)
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
 def _float_in(name: str, lo: float, hi: float, lo_open: bool = True, hi_open: bool = True):
+    """The type of every float flag: a finite number within the bounds, also once rounded to
+    float32 (so --lr 1e39 and --lr 1e-50 are refused here, not by the first training step)."""
+
     @_kind("a number")
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        below = value <= lo if lo_open else value < lo
-        above = value >= hi if hi_open else value > hi
-        if math.isnan(value) or below or above:
-            if hi == math.inf:
-                bound = f"must be {'>' if lo_open else '>='} {lo:g}"
-            else:
-                left, right = "(" if lo_open else "[", ")" if hi_open else "]"
-                bound = f"{name} must be in {left}{lo:g}, {hi:g}{right}"
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if hi == math.inf:
+            bound = f"must be {'>' if lo_open else '>='} {lo:g}"
+        else:
+            left, right = "(" if lo_open else "[", ")" if hi_open else "]"
+            bound = f"{name} must be in {left}{lo:g}, {hi:g}{right}"
+
+        def outside(v: float) -> bool:
+            below = v <= lo if lo_open else v < lo
+            above = v >= hi if hi_open else v > hi
+            return below or above
+
+        if outside(value):
             raise argparse.ArgumentTypeError(f"{bound}, got {text}")
+        single = _as_float32(value)
+        if math.isinf(single):
+            raise argparse.ArgumentTypeError(
+                f"must be at most {_FLOAT32_MAX:.7g} (the largest float32; training runs in "
+                f"float32), got {text}"
+            )
+        if outside(single):
+            raise argparse.ArgumentTypeError(
+                f"{bound}, got {text}, which is {single:g} in float32 (training runs in float32)"
+            )
         return value
 
     return parse
@@ -336,7 +369,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--multiple-of",
         type=_pos_int,
-        help="round pruned ranks up to a multiple of this (e.g. 8 for tensor cores)",
+        help="round pruned ranks up to a multiple of this, capped at the layer's rank (e.g. 8 "
+        "for tensor cores); must be below the largest SVD layer's rank, else nothing is pruned",
     )
     g.add_argument(
         "--trp-interval",

@@ -17,9 +17,11 @@ LR schedule and ending in a model file in the run directory:
 A phase starts from the previous phases' files (dense.pt, svd.pt, ...), so an
 uninterrupted and a resumed run build the same models. Every epoch ends with an
 atomic checkpoint (model, optimizer, scheduler, RNG states, phase, epoch, results
-so far); `--resume` rebuilds the phase's model skeleton, loads the checkpoint (SVD
-layers resized to the pruned ranks) and goes on. The data order depends only on
-(seed, phase, epoch), so on CPU the resumed run ends with the same weights.
+so far), unless its weights or test loss are NaN or inf: that stops the run and names
+the last checkpoint, so the last good one. `--resume` rebuilds the phase's model
+skeleton, loads the checkpoint (SVD layers resized to the pruned ranks) and goes on.
+The data order depends only on (seed, phase, epoch), so on CPU the resumed run ends
+with the same weights.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -202,6 +204,18 @@ def evaluate(model: nn.Module, ds: Dataset, device: torch.device) -> tuple[float
     model.train(was)
     n = len(ds.y_test)
     return loss / n, correct / n
+
+
+def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the tensors holding a NaN or ±inf."""
+    if not tensors or torch.stack([t.isfinite().all() for t in tensors.values()]).all():
+        return []
+    return [name for name, t in tensors.items() if not t.isfinite().all()]
+
+
+def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of `model` by name."""
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
 
 
 def _apply_forms(
@@ -545,6 +559,15 @@ class Pipeline:
             t0, c0 = time.perf_counter(), time.process_time()
             sums = self._train_epoch(index, epoch, epochs, net, model, opt, reg, steps)
             step_s = (time.perf_counter() - t0) / steps
+            # The loss is checked before each step only: the last step can leave non-finite
+            # weights, which must be neither cut, checkpointed nor called good.
+            bad = _non_finite(_weights(model))
+            if bad:
+                more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+                self._diverged(
+                    f"the weights became NaN or inf in phase {phase.name!r}, epoch {epoch + 1} "
+                    f"({', '.join(bad[:3])}{more})"
+                )
             cut_now = phase.cuts and (epoch + 1) % cfg["cut_every"] == 0 and epoch + 1 < epochs
             if cut_now and self._cut(model, opt, phase, epoch):
                 if cfg.get("compile"):
@@ -560,6 +583,11 @@ class Pipeline:
             lr = opt.param_groups[0]["lr"]
             sched.step()
             test_loss, test_acc = evaluate(model, self.ds, env.device)
+            if not math.isfinite(test_loss):
+                self._diverged(
+                    f"the test loss became {test_loss} after phase {phase.name!r}, epoch "
+                    f"{epoch + 1}"
+                )
             n = max(sums["count"], 1)
             row = {
                 "phase": phase.name,
@@ -722,17 +750,21 @@ class Pipeline:
         ]
         return sum(lay.compressed_macs for lay in layers), sum(lay.dense_macs for lay in layers)
 
-    def _diverged(self, phase: str, epoch: int, step: int, value: float, terms: dict) -> None:
-        where = "no checkpoint yet"
+    def _diverged(self, what: str) -> NoReturn:
+        """Stop the run: `what` became non-finite. Only an epoch whose weights and test loss
+        are finite is checkpointed, so checkpoint.pt is the last good one, unless it holds
+        non-finite weights (written by an older svdkern)."""
+        where = "no good checkpoint yet"
         path = self.dir / CHECKPOINT
         if path.exists():
             last = checkpoint.load(path)
-            where = f"the last good checkpoint is {path} ({last['phase']}, epoch {last['epoch']})"
+            saved = f"{path} ({last['phase']}, epoch {last['epoch']})"
+            where = f"the last good checkpoint is {saved}"
+            if _non_finite(last["model"]):
+                where = f"no good checkpoint: {saved} holds NaN or inf weights"
         done = [f"{r}.pt" for r in self.results if (self.dir / f"{r}.pt").exists()]
-        parts = ", ".join(f"{k} {v.item():.4g}" for k, v in terms.items())
         raise TrainingError(
-            f"the loss became {value} in phase {phase!r}, epoch {epoch + 1}, step {step + 1} "
-            f"({parts}); stopping. {where[0].upper()}{where[1:]}"
+            f"{what}; stopping. {where[0].upper()}{where[1:]}"
             + (f"; finished phases: {', '.join(done)}" if done else "")
             + ". Try a lower --lr or --strength (--init RUN_DIR/dense.pt reuses a trained dense "
             "model)."
@@ -777,7 +809,11 @@ class Pipeline:
                 dist.all_reduce(value)
             if not math.isfinite(value.item()):
                 bar.close()
-                self._diverged(phase.name, epoch, i, value.item(), terms)
+                parts = ", ".join(f"{k} {v.item():.4g}" for k, v in terms.items())
+                self._diverged(
+                    f"the loss became {value.item()} in phase {phase.name!r}, epoch "
+                    f"{epoch + 1}, step {i + 1} ({parts})"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
