@@ -21,11 +21,13 @@ from svdkern.nn import SVDConv1d, SVDConv2d, SVDLinear, SVDMultiheadAttention, g
 from svdkern.ops import backend
 from svdkern.prune import PruneReport, prune
 from svdkern.regularize import SVDRegularizer
+from svdkern.training import Cut, SVDTraining
 from svdkern.tune import TuneReport, clear_tune_cache, set_memory_format, tune_forms
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Cut",
     "DecomposeReport",
     "DecomposeWarning",
     "FlopsReport",
@@ -36,6 +38,7 @@ __all__ = [
     "SVDLinear",
     "SVDMultiheadAttention",
     "SVDRegularizer",
+    "SVDTraining",
     "TuneReport",
     "__version__",
     "backend",

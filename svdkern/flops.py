@@ -70,7 +70,7 @@ from svdkern.layers import (
 )
 from svdkern.nn import SVDLayer
 
-__all__ = ["FlopsReport", "LayerFlops", "flops"]
+__all__ = ["FlopsReport", "LayerFlops", "flops", "macs_at"]
 
 
 @dataclass
@@ -277,6 +277,16 @@ def flops(
         report.other_macs = dict(sorted(trace.other.items(), key=lambda kv: -kv[1]))
         report.weight_reads = dict(trace.reasons)
     return report
+
+
+def macs_at(model: nn.Module, shapes: Mapping[str, list[tuple[int, ...]]]) -> tuple[int, int]:
+    """(compressed MACs, dense MACs) of the counted layers of `model` called at `shapes`
+    ({qualified name: input shapes of its calls}, as `svdkern.layers.layer_inputs` records
+    them), at the layers' current ranks. Runs no forward: the shapes of a rank-cut model do
+    not change, so a training loop records them once and counts every cut with them."""
+    modules = dict(model.named_modules())
+    layers = [_layer_flops(name, modules[name], calls, None) for name, calls in shapes.items()]
+    return sum(lay.compressed_macs for lay in layers), sum(lay.dense_macs for lay in layers)
 
 
 def _layer_flops(

@@ -142,10 +142,11 @@ def test_resume_applies_the_forms_in_force_instead_of_timing_again(tmp_path):
     run = tmp_path / "run"
     crash = _run(*ADAPTIVE, "--out", str(run), "--stop-after-epochs", "6")
     assert crash.returncode == 75, crash.stderr
-    info = checkpoint.load(run / "checkpoint.pt")["info"]
-    assert info["forms_in_force"]["phase"] == "adaptive"
-    assert info["forms_in_force"]["memory_format"] in ("contiguous", "channels_last")
-    timed_before = info["tuned_forms"]["adaptive"]
+    state = checkpoint.load(run / "checkpoint.pt")
+    assert state["phase"] == "adaptive"
+    assert state["svd_training"]["memory_format"] in ("contiguous", "channels_last")
+    assert any(state["svd_training"]["forms"].values())
+    timed_before = state["info"]["tuned_forms"]["adaptive"]
     resumed = _run("--resume", str(run), "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     # The rest of the phase (one epoch, no cut) runs with the checkpointed forms: no new timing.
@@ -153,64 +154,63 @@ def test_resume_applies_the_forms_in_force_instead_of_timing_again(tmp_path):
     assert doc["prune"]["tuned_forms"]["adaptive"] == timed_before
 
 
-def test_apply_forms_sets_the_layers_forms_and_the_memory_format():
-    import svdkern
-    from svdkern.train.loop import _apply_forms
-    from svdkern.train.models import build_model
-    from svdkern.tune import memory_format_of
-
-    model = svdkern.decompose(build_model("cnn", (1, 8, 8), 10), skip=["fc"])
-    name, layer = svdkern.nn.svd_layers(model)[0]
-    _apply_forms(model, {name: {(True, (4, 1, 8, 8)): True}}, "channels_last")
-    assert layer.forms == {(True, (4, 1, 8, 8)): True}
-    assert memory_format_of(model) == "channels_last"
-    _apply_forms(model, {}, "contiguous")
-    assert memory_format_of(model) == "contiguous"
+def _adaptive_training(pipe, loop):
+    """The SVDTraining of the pipeline's adaptive phase, on its starting model."""
+    model = pipe.start_model("adaptive")
+    opt = loop._make_optimizer(model.parameters(), pipe.cfg)
+    return model, pipe._svd_training(model, opt, loop.PHASES["adaptive"], 100, 10)
 
 
 def test_every_process_applies_the_ranks_and_forms_process_0_decided(tmp_path, monkeypatch):
     """Under DDP a cut's ranks and the tuned forms/layout come from process 0: here this
     process is rank 1 of 2 and "process 0" (the patched broadcast) decided otherwise."""
+    from svdkern import training
     from svdkern.nn import svd_layers
     from svdkern.train import loop
     from svdkern.tune import memory_format_of
 
     cfg = _resolve(*ADAPTIVE, "--out", str(tmp_path / "run"))
     pipe = loop.Pipeline(cfg, loop.Env(1, 2, torch.device("cpu")))
-    model = pipe.start_model("adaptive")
-    opt = loop._make_optimizer(model.parameters(), cfg)
+    model, st = _adaptive_training(pipe, loop)
     decided = {name: 1 for name, _ in svd_layers(model)}
     sources = []
 
-    def broadcast(objects, src):
+    def broadcast(objects, src, group=None):
         sources.append(src)
-        if len(objects) == 1:  # the cut's ranks
+        if isinstance(objects[0], dict):  # the cut's ranks
             objects[0] = dict(decided)
         else:  # [forms, memory format] after the cut's re-tuning
-            objects[1] = "channels_last"
+            objects[0] = [objects[0][0], "channels_last"]
 
-    monkeypatch.setattr(loop.dist, "broadcast_object_list", broadcast)
-    assert pipe._cut(model, opt, loop.PHASES["adaptive"], 0)
-    assert sources == [0, 0]
+    monkeypatch.setattr(training.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(training.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(training.dist, "broadcast_object_list", broadcast)
+    cut = st.cut()
+    assert cut.changed and sources == [0, 0]
     assert {name: m.rank for name, m in svd_layers(model)} == decided
     assert memory_format_of(model) == "channels_last"
-    assert pipe.info["forms_in_force"]["memory_format"] == "channels_last"
+    assert st.state_dict()["memory_format"] == "channels_last"
 
 
-def test_cut_reports_the_macs_flops_counts_without_a_new_forward(tmp_path):
+def test_cut_reports_the_macs_flops_counts_without_a_new_forward(tmp_path, monkeypatch):
     import svdkern
+    from svdkern import training
     from svdkern.train import loop
 
     cfg = _resolve(*ADAPTIVE, "--no-tune-forms", "--out", str(tmp_path / "run"))
     pipe = loop.Pipeline(cfg, loop.Env(0, 1, torch.device("cpu")))
-    model = pipe.start_model("adaptive")
-    opt = loop._make_optimizer(model.parameters(), cfg)
+    model, st = _adaptive_training(pipe, loop)
+    recorded = []
+    layer_inputs = training.layer_inputs
+    monkeypatch.setattr(
+        training, "layer_inputs", lambda *a, **k: recorded.append(1) or layer_inputs(*a, **k)
+    )
     for _ in range(2):  # the second cut reuses the shapes recorded by the first
-        pipe._cut(model, opt, loop.PHASES["adaptive"], 0)
-        fl = svdkern.flops(model, pipe.input_shape)
-        cut = pipe.info["cuts"][-1]
-        assert cut["macs_after"] == fl.compressed_macs
-        assert cut["flops_ratio"] == pytest.approx(fl.compressed_macs / fl.dense_macs)
+        cut = st.cut()
+        fl = svdkern.flops(model, example_inputs=(pipe.example,))
+        assert cut.macs == fl.compressed_macs
+        assert cut.flops_ratio == pytest.approx(fl.compressed_macs / fl.dense_macs)
+    assert recorded == [1]
 
 
 def test_orth_scale_amortizes_the_orthogonality_term(monkeypatch):
@@ -239,3 +239,56 @@ def test_orth_every_trains(tmp_path):
     rows = [r for r in _rows(run) if r["phase"] == "adaptive"]
     assert json.loads((run / "report.json").read_text())["config"]["orth_every"] == 4
     assert rows and rows[0]["orth"] > 0  # the Gram steps' values, averaged over all steps
+
+
+def test_svdkern_train_and_a_plain_loop_with_svd_training_give_the_same_ranks_and_losses(
+    tmp_path,
+):
+    """The adaptive phase of `svdkern train` is SVDTraining in a loop: written out by hand
+    on the same data order and seed, the loop makes the same cuts and losses."""
+    import torch.nn.functional as F
+
+    import svdkern
+    from svdkern.train import loop
+    from svdkern.train.data import load_dataset, steps_per_epoch, train_batches
+
+    args = [*ADAPTIVE, "--no-tune-forms", "--dense-epochs", "4", "--out", str(tmp_path / "run")]
+    assert main(["train", *args]) == 0
+    rows = [r for r in _rows(tmp_path / "run") if r["phase"] == "adaptive"]
+    cfg = _resolve(*args)
+
+    ds = load_dataset("synthetic")
+    torch.manual_seed(cfg["seed"])
+    model = svdkern.decompose(
+        loop.build_model(cfg["model"], ds.input_shape, ds.num_classes), skip=["fc"]
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], foreach=True)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2], gamma=cfg["gamma"])
+    steps = steps_per_epoch(ds, cfg["batch_size"])
+    epochs = cfg["svd_epochs"]
+    st = svdkern.SVDTraining(
+        model,
+        opt,
+        strength=cfg["strength"],
+        cut_every=steps,
+        cut_energy=cfg["cut_energy"],
+        cut_until=epochs * steps,
+        example_inputs=ds.example(),
+    )
+    phase = loop.phases_of(cfg).index("adaptive")
+    for epoch in range(epochs):
+        losses = []
+        for x, y in train_batches(ds, cfg["batch_size"], cfg["seed"], phase, epoch, "cpu", 0, 1):
+            task = F.cross_entropy(model(x), y)
+            loss = task + st.penalty()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            st.step()
+            losses.append(task.item())
+        sched.step()
+        assert rows[epoch]["ranks"] == st.ranks
+        assert rows[epoch]["task_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+    doc = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert [c["ranks"] for c in doc["prune"]["cuts"]] == [c.ranks for c in st.history]
+    assert len(st.history) == epochs - 1

@@ -1,17 +1,27 @@
 """Data of `svdkern train`: digits split, CIFAR-10 readers (both formats), the restricted
-unpickler, deterministic and shardable batches, augmentation."""
+unpickler, deterministic and shardable batches, augmentation, byte-level text (from a
+directory and the standard library's sources)."""
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from svdkern.train import data
-from svdkern.train.data import CIFAR_BIN, CIFAR_PY, DataError, load_array_pickle, read_cifar10
+from svdkern.train.data import (
+    CIFAR_BIN,
+    CIFAR_PY,
+    DataError,
+    bits_per_byte,
+    load_array_pickle,
+    read_cifar10,
+)
 
 RECORDS = 3  # images per tiny batch file
 
@@ -219,3 +229,126 @@ def test_augment_crop_and_flip():
     shifted = data._augment(x, torch.tensor([[5, 3], [0, 0]]), torch.tensor([False, False]))
     assert torch.equal(shifted[0, :, :3, 1:], x[0, :, 1:, :3])
     assert shifted[0, :, 3].abs().sum() == 0 and shifted[0, :, :, 0].abs().sum() == 0
+
+
+# --- text ------------------------------------------------------------------------------
+
+CPU = torch.device("cpu")
+
+
+def _corpus(root, files: int = 12) -> dict[str, bytes]:
+    """`files` text files of different lengths under `root` (some in subdirectories), plus
+    a binary file, a hidden file and a hidden directory that are not read."""
+    texts = {}
+    for i in range(files):
+        rel = f"part{i % 3}/doc{i:02d}.txt" if i % 2 else f"doc{i:02d}.md"
+        texts[rel] = (f"file {i}: " + "héllo wörld " * (20 + 7 * i)).encode()
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(texts[rel])
+    (root / "image.bin").write_bytes(bytes(range(256)) * 4)
+    (root / ".notes").write_bytes(b"hidden " * 100)
+    (root / ".git").mkdir()
+    (root / ".git" / "HEAD").write_bytes(b"ref: refs/heads/main\n" * 100)
+    return texts
+
+
+def _stream(texts: dict[str, bytes], names) -> torch.Tensor:
+    return torch.tensor(list(b"\0".join(texts[n] for n in names)), dtype=torch.int64)
+
+
+def _check_windows(x: torch.Tensor, y: torch.Tensor, stream: torch.Tensor, seq_len: int):
+    n = (len(stream) - 1) // seq_len
+    assert x.dtype == torch.uint8 and y.dtype == torch.int64
+    assert x.shape == y.shape == (n, seq_len)
+    assert torch.equal(x.flatten().long(), stream[: n * seq_len])
+    assert torch.equal(y.flatten(), stream[1 : n * seq_len + 1])
+
+
+def test_text_dir_is_split_by_file_into_shifted_windows(tmp_path):
+    texts = _corpus(tmp_path)
+    ds = data.load_dataset("text", str(tmp_path), seq_len=16)
+    assert ds.task == "lm" and ds.num_classes == 256 and ds.input_shape == (16,)
+    assert set(ds.train_files) | set(ds.test_files) == set(texts)
+    assert not set(ds.train_files) & set(ds.test_files) and ds.test_files
+    assert list(ds.train_files) == sorted(ds.train_files)
+    _check_windows(ds.x_train, ds.y_train, _stream(texts, ds.train_files), 16)
+    _check_windows(ds.x_test, ds.y_test, _stream(texts, ds.test_files), 16)
+    held = sum(len(texts[n]) for n in ds.test_files) / sum(map(len, texts.values()))
+    assert 0.0 < held <= 0.1
+    again = data.load_dataset("text", str(tmp_path), seq_len=16)
+    assert again.train_files == ds.train_files and torch.equal(again.x_train, ds.x_train)
+
+
+def test_text_single_file_is_split_by_bytes(tmp_path):
+    raw = bytes(range(32, 127)) * 10
+    (tmp_path / "input.txt").write_bytes(raw)
+    ds = data.load_dataset("text", str(tmp_path), seq_len=8)
+    assert ds.train_files == ds.test_files == ("input.txt",)
+    cut = len(raw) - math.ceil(0.1 * len(raw))
+    _check_windows(ds.x_train, ds.y_train, torch.tensor(list(raw[:cut])), 8)
+    _check_windows(ds.x_test, ds.y_test, torch.tensor(list(raw[cut:])), 8)
+
+
+def test_text_max_bytes_cuts_files_in_sorted_order(tmp_path):
+    texts = _corpus(tmp_path)
+    ds = data.load_dataset("text", str(tmp_path), seq_len=4, max_bytes=1000)
+    read = sorted(ds.train_files + ds.test_files)
+    assert read == sorted(texts)[: len(read)] and len(read) < len(texts)
+    windows = len(ds.x_train) + len(ds.x_test)
+    assert windows * 4 <= 1000 + len(read)  # the NUL bytes between files
+
+
+def test_text_batches_are_token_ids_and_follow_the_epoch_order(tmp_path):
+    _corpus(tmp_path)
+    ds = data.load_dataset("text", str(tmp_path), seq_len=16)
+    a, b = _epoch(ds, 0, 1, 2, batch=8), _epoch(ds, 0, 1, 2, batch=8)
+    assert len(a) == data.steps_per_epoch(ds, 8) == len(ds.y_train) // 8
+    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
+    assert not torch.equal(a[0][0], _epoch(ds, 0, 1, 3, batch=8)[0][0])
+    x, y = a[0]
+    assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (8, 16)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    x, y = next(data.eval_batches(ds, CPU))
+    assert x.dtype == torch.int64 and torch.equal(x, ds.x_test[: len(x)].long())
+    assert torch.equal(ds.example(2), ds.x_test[:2].long())
+
+
+def test_text_default_is_a_bounded_stdlib_subset():
+    start = time.perf_counter()
+    ds = data.load_dataset("text")
+    assert time.perf_counter() - start < 10.0
+    files = ds.train_files + ds.test_files
+    assert not set(ds.train_files) & set(ds.test_files)
+    assert all(f.endswith(".py") for f in files)
+    assert not any(p in f.split("/") for f in files for p in ("site-packages", "test"))
+    assert (len(ds.x_train) + len(ds.x_test)) * 64 <= data.MAX_BYTES
+    assert len(ds.x_train) > 1000 and 0.05 < len(ds.x_test) / len(ds.x_train) < 0.2
+    again = data.load_dataset("text")
+    assert again.test_files == ds.test_files and torch.equal(again.y_test, ds.y_test)
+
+
+def test_text_dir_without_text_is_refused(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(DataError, match=rf"--data-dir {missing}: not a directory.*text files"):
+        data.load_dataset("text", str(missing))
+    empty = tmp_path / "empty"
+    (empty / ".git").mkdir(parents=True)
+    (empty / ".git" / "config").write_text("[core]\n")
+    (empty / "blank.txt").write_bytes(b"")
+    with pytest.raises(DataError, match=rf"--data-dir {empty}: no text.*found no files"):
+        data.load_dataset("text", str(empty))
+    binary = tmp_path / "binary"
+    binary.mkdir()
+    (binary / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0")
+    (binary / "b.txt").write_bytes(b"caf\xe9 latin-1")
+    with pytest.raises(DataError, match=rf"--data-dir {binary}: no text.*a.png, b.txt"):
+        data.load_dataset("text", str(binary))
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "a.txt").write_text("short")
+    with pytest.raises(DataError, match=rf"--data-dir {small}: too little text.*seq_len \+ 1 = 65"):
+        data.load_dataset("text", str(small))
+
+
+def test_bits_per_byte_of_a_uniform_byte_is_eight():
+    assert bits_per_byte(math.log(256)) == pytest.approx(8.0)

@@ -278,12 +278,20 @@ def test_non_finite_weights_after_an_epoch_are_not_checkpointed_and_resume_goes_
     # The loss is finite before every step, but the last step of dense epoch 2 leaves a NaN.
     train_epoch = loop.Pipeline._train_epoch
 
-    def poisoned(self, index, epoch, *args):
-        sums = train_epoch(self, index, epoch, *args)
+    def poisoned(self, index, epoch, epochs, net, model, opt, st, steps):
         if (self.phases[index], epoch) == ("dense", 1):
-            with torch.no_grad():
-                args[2].fc2.weight[0, 0] = math.nan
-        return sums
+            step, calls = opt.step, []
+
+            def last_step_poisons(*args, **kwargs):
+                out = step(*args, **kwargs)
+                calls.append(1)
+                if len(calls) == steps:
+                    with torch.no_grad():
+                        model.fc2.weight[0, 0] = math.nan
+                return out
+
+            opt.step = last_step_poisons
+        return train_epoch(self, index, epoch, epochs, net, model, opt, st, steps)
 
     monkeypatch.setattr(loop.Pipeline, "_train_epoch", poisoned)
     run = tmp_path / "run"

@@ -1,5 +1,6 @@
 """Models of `svdkern train`: shapes, the standard CIFAR ResNet sizes, option-A shortcuts,
-and how the pipeline decomposes them (every Linear/Conv2d but the classifier `fc`)."""
+the byte-level GPT-2, and how the pipeline decomposes them (every Linear/Conv2d/Conv1D but
+the classifier `fc`)."""
 
 from __future__ import annotations
 
@@ -66,3 +67,62 @@ def test_resnet20_decomposes_every_conv_but_not_fc():
 def test_unknown_model_is_refused():
     with pytest.raises(ValueError, match="unknown model 'vgg'"):
         build_model("vgg", (3, 32, 32), 10)
+
+
+def test_sizes_override_defaults_and_unknown_sizes_are_refused():
+    assert build_model("cnn", (1, 8, 8), 10, width=4).fc.in_features == 16
+    with pytest.raises(ValueError, match=r"'resnet20' takes the sizes none; got \['width'\]"):
+        build_model("resnet20", (3, 32, 32), 10, width=8)
+
+
+GPT = {"width": 48, "layers": 2, "heads": 3}  # 48 / 3 = 16 per head
+SEQ = 12
+
+
+def _gpt() -> nn.Module:
+    return build_model("gpt2-tiny", (SEQ,), 256, **GPT).eval()
+
+
+def test_gpt2_maps_token_ids_to_next_byte_logits():
+    model = _gpt()
+    out = model(torch.randint(0, 256, (3, SEQ)))
+    assert type(out) is torch.Tensor and out.shape == (3, SEQ, 256)
+    assert model.fc.weight is model.transformer.wte.weight
+    assert model.transformer.config.n_positions == SEQ
+    default = build_model("gpt2-tiny", (64,), 256)
+    assert default.transformer.config.n_embd == 192 and len(default.transformer.h) == 4
+
+
+def test_gpt2_is_causal():
+    model = _gpt()
+    x = torch.randint(0, 256, (1, SEQ))
+    changed = x.clone()
+    changed[0, -1] = (x[0, -1] + 1) % 256
+    torch.testing.assert_close(model(changed)[:, :-1], model(x)[:, :-1])
+
+
+def test_gpt2_decomposes_every_conv1d_exactly_and_keeps_the_tied_head():
+    model = _gpt()
+    projections = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+    x = torch.randint(0, 256, (2, SEQ))
+    expected = model(x)
+    svdkern.decompose(model, "channel", skip=[CLASSIFIER])
+    svd = [n for n, m in model.named_modules() if isinstance(m, svdkern.SVDLinear)]
+    assert svd == projections and len(svd) == 4 * GPT["layers"]
+    assert {n.rsplit(".", 1)[-1] for n in svd} == {"c_attn", "c_proj", "c_fc"}
+    assert type(model.fc) is nn.Linear and model.fc.weight is model.transformer.wte.weight
+    assert type(model.transformer.wte) is nn.Embedding
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_gpt2_macs_of_an_int64_example():
+    model = _gpt()
+    x = torch.randint(0, 256, (1, SEQ))
+    w, layers = GPT["width"], GPT["layers"]
+    # per token and block: c_attn w·3w, attn c_proj w·w, c_fc w·4w, mlp c_proj 4w·w
+    dense = SEQ * (layers * 12 * w * w + w * 256)
+    assert svdkern.flops(model, example_inputs=(x,)).dense_macs == dense
+    svdkern.decompose(model, "channel", skip=[CLASSIFIER])
+    report = svdkern.flops(model, example_inputs=(x,))
+    assert report.dense_macs == report.compressed_macs == dense
+    assert report.attention_macs > 0

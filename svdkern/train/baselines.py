@@ -18,35 +18,31 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from svdkern.nn import SVDConv2d, SVDLinear
+from svdkern.nn import is_conv1d_like
 from svdkern.train.models import CLASSIFIER
 
 __all__ = [
     "decomposable",
     "energy_rank",
     "nuclear_norm",
-    "svd_layers",
     "trp_truncate_",
     "weight_matrix",
 ]
 
 
-def svd_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every SVDLinear / SVDConv2d."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, SVDLinear | SVDConv2d)]
-
-
 def decomposable(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of the dense layers the pipeline decomposes: all but the classifier."""
+    """(name, module) of the dense layers the pipeline decomposes: every Linear, Conv2d and
+    transformers Conv1D (GPT-2's projections, weight stored (in, out)) but the classifier."""
     return [
         (n, m)
         for n, m in model.named_modules()
-        if type(m) in (nn.Linear, nn.Conv2d) and n != CLASSIFIER
+        if (type(m) in (nn.Linear, nn.Conv2d) or is_conv1d_like(m)) and n != CLASSIFIER
     ]
 
 
 def weight_matrix(weight: torch.Tensor, decomposition: str) -> torch.Tensor:
-    """A Linear or Conv2d weight viewed as the matrix its SVD layer factorizes."""
+    """A Linear or Conv2d weight viewed as the matrix its SVD layer factorizes (a Conv1D's
+    (in, out) weight is its transpose: the same singular values and truncation)."""
     if weight.dim() == 2:
         return weight
     c_out, c_in, kh, kw = weight.shape

@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 
 import svdkern
+from svdkern.nn import svd_layers
 from svdkern.train import checkpoint, config, report, rundir
-from svdkern.train.baselines import svd_layers
 from svdkern.train.data import DataError, load_dataset
 from svdkern.train.loop import (
     CHECKPOINT,
@@ -26,6 +26,7 @@ from svdkern.train.loop import (
     init_env,
     phases_of,
 )
+from svdkern.train.models import LM_MODELS, SIZES, model_sizes
 
 __all__ = ["build_compare_parser", "build_train_parser", "compare_main", "train_main"]
 
@@ -105,6 +106,25 @@ def _fresh_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f"argument --init: no such checkpoint file: {cfg['init']}")
     if cfg["init"] and cfg["method"] == "dense":
         parser.error("argument --init: --method dense with --init has nothing to train")
+    lm = cfg["model"] in LM_MODELS
+    if lm != (cfg["data"] == "text"):
+        parser.error(
+            f"argument --model: {cfg['model']} does not fit --data {cfg['data']}: the text "
+            f"task takes a language model ({', '.join(LM_MODELS)}), the image data sets "
+            "take the others"
+        )
+    sizes = model_sizes(cfg)
+    unknown = sorted(set(sizes) - set(SIZES.get(cfg["model"], ())))
+    if unknown:
+        parser.error(
+            f"argument --{unknown[0]}: --model {cfg['model']} takes no --{unknown[0]} (sizes "
+            f"it takes: {', '.join('--' + k for k in SIZES.get(cfg['model'], ())) or 'none'})"
+        )
+    if lm and sizes.get("width", 192) % sizes.get("heads", 4):
+        parser.error(
+            f"argument --heads: the width {sizes.get('width', 192)} must be a multiple of "
+            f"--heads {sizes.get('heads', 4)}"
+        )
     return cfg
 
 
@@ -262,7 +282,7 @@ def _check_prune_flags(parser: argparse.ArgumentParser, pipe: Pipeline) -> None:
         svdkern.prune(
             model,
             target_flops=cfg["target_flops"],
-            input_shape=pipe.input_shape,
+            example_inputs=(pipe.example,),
             multiple_of=cfg["multiple_of"],
         )
     except ValueError as exc:
@@ -318,7 +338,7 @@ def _train(
             f"the number of processes ({world})"
         )
     try:
-        ds = load_dataset(cfg["data"], cfg.get("data_dir"))
+        ds = load_dataset(cfg["data"], cfg.get("data_dir"), seq_len=cfg["seq_len"])
     except DataError as exc:
         parser.error(f"argument --data-dir: {exc}")
     if len(ds.y_train) < cfg["batch_size"]:

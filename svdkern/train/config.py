@@ -22,8 +22,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-DATASETS = ("digits", "cifar10", "synthetic")
-MODELS = ("mlp", "cnn", "resnet20", "resnet32", "resnet56", "resnet110", "resnet18")
+from svdkern.train.models import MODELS
+
+DATASETS = ("digits", "cifar10", "synthetic", "text")
 METHODS = ("svd", "svd-adaptive", "dense", "posthoc", "trp")
 SPARSITY = ("l1", "hoyer", "hoyer_square")
 OPTIMIZERS = ("adam", "sgd")
@@ -59,6 +60,18 @@ _DATA_DEFAULTS: dict[str, dict[str, Any]] = {
         "finetune_epochs": 1,
         "batch_size": 32,
         "strength": {"l1": 0.4, "hoyer": 0.1, "hoyer_square": 0.03},
+        "energy": 0.01,
+        "tune_forms": False,
+    },
+    # Byte-level language modelling; one epoch of the default text (the standard library's
+    # Python sources, ~29k windows of 64 bytes) is ~920 steps of batch 32.
+    "text": {
+        "model": "gpt2-tiny",
+        "dense_epochs": 2,
+        "svd_epochs": 2,
+        "finetune_epochs": 1,
+        "batch_size": 32,
+        "strength": {"l1": 0.1, "hoyer": 0.03, "hoyer_square": 0.01},
         "energy": 0.01,
         "tune_forms": False,
     },
@@ -235,22 +248,37 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         choices=DATASETS,
         default="digits",
         help="digits: scikit-learn's bundled 8×8 digits (no download); cifar10: the "
-        "CIFAR-10 files in --data-dir; synthetic: tiny random data for tests (default digits)",
+        "CIFAR-10 files in --data-dir; synthetic: tiny random data for tests; text: "
+        "byte-level language modelling of the text files in --data-dir, or without it of "
+        "the Python standard library's own sources, split by file (default digits)",
     )
     g.add_argument(
         "--data-dir",
         metavar="DIR",
-        help="directory with CIFAR-10 (binary: data_batch_1.bin..data_batch_5.bin, "
-        "test_batch.bin; or python: data_batch_1..data_batch_5, test_batch), or its parent "
-        "holding cifar-10-batches-bin/ or cifar-10-batches-py/",
+        help="cifar10: the directory with CIFAR-10 (binary: data_batch_1.bin.."
+        "data_batch_5.bin, test_batch.bin; or python: data_batch_1..data_batch_5, "
+        "test_batch), or its parent holding cifar-10-batches-bin/ or cifar-10-batches-py/; "
+        "text: a directory of text files (every UTF-8 file under it)",
     )
     g.add_argument(
         "--model",
         choices=MODELS,
         help="mlp, cnn (small 4-conv CNN), resnet20/32/56/110 (CIFAR ResNets, option-A "
-        "shortcuts) or resnet18 (CIFAR variant); all adapt to the data's input shape. "
-        "Default: cnn for digits, resnet20 for cifar10, mlp for synthetic",
+        "shortcuts), resnet18 (CIFAR variant), gpt2-tiny (a GPT-2 byte-level language "
+        "model from a transformers config, random init; --width, --layers, --heads). "
+        "Default: cnn for digits, resnet20 for cifar10, mlp for synthetic, gpt2-tiny for text",
     )
+    g.add_argument(
+        "--seq-len",
+        type=_pos_int,
+        default=64,
+        help="text: bytes per training window (and the model's context) (default 64)",
+    )
+    g.add_argument(
+        "--width", type=_pos_int, help="cnn, gpt2-tiny: channels / embedding width (16, 192)"
+    )
+    g.add_argument("--layers", type=_pos_int, help="gpt2-tiny: transformer blocks (default 4)")
+    g.add_argument("--heads", type=_pos_int, help="gpt2-tiny: attention heads (default 4)")
 
     g = p.add_argument_group("method")
     g.add_argument(

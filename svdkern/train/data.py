@@ -1,4 +1,5 @@
-"""Data sets of `svdkern train`: bundled digits, CIFAR-10 from disk, synthetic.
+"""Data sets of `svdkern train`: bundled digits, CIFAR-10 from disk, synthetic, and
+byte-level text for language modelling.
 
 All of a data set lives in memory as tensors; batches are gathered by index.
 The training order of an epoch is a function of (seed, phase, epoch) only, drawn
@@ -11,14 +12,31 @@ the same way.
 CIFAR-10's python version is a set of pickles; they are read by `_ArrayUnpickler`,
 which builds only numpy arrays, lists, dicts, strings and numbers and refuses every
 other global (a pickle that would call `os.system` raises instead of running).
+
+Text (`load_dataset("text", data_dir)`) is read as bytes (vocabulary 256, no tokenizer).
+The files read are every regular file under `data_dir`, recursively, whose bytes are UTF-8
+without a NUL byte (other files are skipped; hidden files and directories, names starting
+with ".", and __pycache__ are not entered); without `data_dir`, the `*.py` files of the
+Python standard library (`sysconfig.get_paths()["stdlib"]`, without site-packages,
+dist-packages and the test directories). Files are taken in sorted relative-path order up
+to `max_bytes` (the last one cut) and split by file: in the order of the SHA-1 of their
+relative paths, each file that still fits goes to the validation set, up to 10 % of the
+bytes (a single file is split by bytes instead: its last 10 %). Each split's files are
+joined with a NUL byte between them (the end of a document) and cut into windows of
+seq_len + 1 bytes that overlap by one byte: window i is bytes [i·seq_len, (i+1)·seq_len],
+its input the first seq_len bytes, its target the last seq_len, so every byte is predicted
+once per epoch.
 """
 
 from __future__ import annotations
 
 import codecs
+import hashlib
 import io
 import math
+import os
 import pickle
+import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +45,25 @@ import numpy as np
 import torch
 from torch.utils.data import DistributedSampler
 
-__all__ = ["DataError", "Dataset", "eval_batches", "load_dataset", "read_cifar10", "train_batches"]
+__all__ = [
+    "DataError",
+    "Dataset",
+    "bits_per_byte",
+    "eval_batches",
+    "load_dataset",
+    "read_cifar10",
+    "train_batches",
+]
 
 CIFAR_BIN = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
 CIFAR_PY = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
 _CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 _CIFAR_STD = (0.2470, 0.2435, 0.2616)
 _RECORD = 1 + 3 * 32 * 32
+SEQ_LEN = 64
+MAX_BYTES = 2 * 2**20
+_VALIDATION = 0.1
+_STDLIB_SKIP = frozenset(["site-packages", "dist-packages", "test", "tests", "idle_test"])
 
 
 class DataError(ValueError):
@@ -42,10 +72,20 @@ class DataError(ValueError):
 
 @dataclass
 class Dataset:
-    """A classification data set in memory.
+    """A data set in memory: classification (task "classification") or next-byte
+    prediction (task "lm").
 
-    x_train, x_test: (N, C, H, W), uint8 (CIFAR-10, normalised per batch) or float32.
-    y_train, y_test: (N,) int64 class indices in [0, num_classes).
+    classification:
+        x_train, x_test: (N, C, H, W), uint8 (CIFAR-10, normalised per batch) or float32.
+        y_train, y_test: (N,) int64 class indices in [0, num_classes).
+    lm (num_classes = 256, mean = std = ()):
+        x_train, x_test: (N, seq_len) uint8 bytes, int64 token ids once normalised.
+        y_train, y_test: (N, seq_len) int64, y[:, t] = the byte after x[:, t].
+        source: the directory read; train_files, test_files: the relative paths each
+        split was built from (one file split by bytes is in both).
+
+    A model maps a normalised batch x to logits (*y.shape, num_classes); the loss is
+    F.cross_entropy(logits.flatten(0, -2), y.flatten()) for both tasks.
     """
 
     name: str
@@ -57,14 +97,21 @@ class Dataset:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: bool = False
+    task: str = "classification"
+    source: str = ""
+    train_files: tuple[str, ...] = ()
+    test_files: tuple[str, ...] = ()
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one sample."""
+    def input_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of one image, (seq_len,) of one text window."""
         return tuple(self.x_train.shape[1:])
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """uint8 or float samples → float32, (x/255 if uint8 − mean) / std per channel."""
+        """Samples as the model takes them. Images: float32, (x/255 if uint8 − mean) / std
+        per channel; text: int64 token ids."""
+        if self.task == "lm":
+            return x.long()
         x = x.float()
         if self.x_train.dtype == torch.uint8:
             x = x / 255.0
@@ -72,12 +119,34 @@ class Dataset:
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std
 
+    def example(self, batch: int = 1) -> torch.Tensor:
+        """The first `batch` test samples, normalised: the example input of `svdkern.flops`,
+        `prune` and `compress` (`example_inputs=(ds.example(),)`), valid for every task."""
+        return self.normalize(self.x_test[:batch])
+
+
+def bits_per_byte(loss_nats: float) -> float:
+    """Mean cross-entropy per byte in nats → bits per byte: loss / ln 2 (one token is one
+    byte)."""
+    return loss_nats / math.log(2)
+
 
 # --- the data sets ----------------------------------------------------------------------
 
 
-def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
-    """`digits`, `cifar10` (from `data_dir`) or `synthetic`."""
+def load_dataset(
+    name: str,
+    data_dir: str | None = None,
+    *,
+    seq_len: int = SEQ_LEN,
+    max_bytes: int = MAX_BYTES,
+) -> Dataset:
+    """`digits`, `cifar10` (from `data_dir`), `synthetic` or `text` (from `data_dir`, or the
+    standard library's Python sources without it; windows of `seq_len` bytes from at most
+    `max_bytes` bytes of text, see the module docstring). The image data sets ignore
+    `seq_len` and `max_bytes`."""
+    if name == "text":
+        return _text(data_dir, seq_len=seq_len, max_bytes=max_bytes)
     if name == "digits":
         return _digits()
     if name == "synthetic":
@@ -92,7 +161,7 @@ def load_dataset(name: str, data_dir: str | None = None) -> Dataset:
         return Dataset(
             "cifar10", x_train, y_train, x_test, y_test, 10, _CIFAR_MEAN, _CIFAR_STD, augment=True
         )
-    raise DataError(f"unknown data set {name!r}; expected digits, cifar10 or synthetic")
+    raise DataError(f"unknown data set {name!r}; expected digits, cifar10, synthetic or text")
 
 
 def _digits() -> Dataset:
@@ -130,6 +199,149 @@ def _synthetic(n_train: int = 320, n_test: int = 160, classes: int = 10) -> Data
     x_tr, y_tr = draw(n_train)
     x_te, y_te = draw(n_test)
     return Dataset("synthetic", x_tr, y_tr, x_te, y_te, classes, (0.0,), (1.0,))
+
+
+# --- text ------------------------------------------------------------------------------
+
+
+def _text(
+    data_dir: str | None = None, *, seq_len: int = SEQ_LEN, max_bytes: int = MAX_BYTES
+) -> Dataset:
+    """The byte-level language-modelling set of `data_dir` (the standard library's Python
+    sources without it): see the module docstring for which files, the split and the
+    windows. DataError when there is no text, or too little for one window per split."""
+    for arg, value in (("seq_len", seq_len), ("max_bytes", max_bytes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{arg} must be a positive int, got {value!r}")
+    if data_dir is None:
+        root = Path(sysconfig.get_paths()["stdlib"])
+        where, what = str(root), "the standard library's *.py files"
+        paths = _walk(root, ".py", _STDLIB_SKIP)
+    else:
+        root = Path(data_dir)
+        where, what = f"--data-dir {data_dir}", "text files (UTF-8 without NUL bytes)"
+        if not root.is_dir():
+            raise DataError(
+                f"{where}: not a directory; --data text expects a directory of {what}, "
+                "read recursively"
+            )
+        paths = _walk(root, "", frozenset())
+    texts, skipped = _read_texts(root, paths, max_bytes)
+    if not texts:
+        found = f"only non-text files, e.g. {', '.join(skipped[:5])}" if skipped else "no files"
+        raise DataError(f"{where}: no text to read; expected {what} there, found {found}")
+    train, test = _split_by_file(texts)
+    x_train, y_train = _windows(list(train.values()), seq_len)
+    x_test, y_test = _windows(list(test.values()), seq_len)
+    if len(x_train) == 0 or len(x_test) == 0:
+        sizes = f"{sum(map(len, train.values()))} and {sum(map(len, test.values()))}"
+        raise DataError(
+            f"{where}: too little text; the training and validation splits hold {sizes} "
+            f"bytes, and each needs at least seq_len + 1 = {seq_len + 1} for one window"
+        )
+    return Dataset(
+        "text",
+        x_train,
+        y_train,
+        x_test,
+        y_test,
+        256,
+        (),
+        (),
+        task="lm",
+        source=str(root),
+        train_files=tuple(train),
+        test_files=tuple(test),
+    )
+
+
+def _walk(root: Path, suffix: str, skip_dirs: frozenset[str]) -> list[tuple[str, Path]]:
+    """(relative POSIX path, path) of every regular file under `root` whose name ends with
+    `suffix`, sorted by relative path; hidden entries, __pycache__ and `skip_dirs` are not
+    entered."""
+    found = []
+    for directory, dirs, files in os.walk(root):
+        dirs[:] = [
+            d for d in dirs if not d.startswith(".") and d != "__pycache__" and d not in skip_dirs
+        ]
+        for name in files:
+            path = Path(directory, name)
+            if not name.startswith(".") and name.endswith(suffix) and path.is_file():
+                found.append((path.relative_to(root).as_posix(), path))
+    return sorted(found)
+
+
+def _read_texts(
+    root: Path, paths: list[tuple[str, Path]], max_bytes: int
+) -> tuple[dict[str, bytes], list[str]]:
+    """({relative path: bytes} of the text files, in order, until `max_bytes` are read (the
+    last file cut), [relative paths of the files skipped as not text])."""
+    texts: dict[str, bytes] = {}
+    skipped: list[str] = []
+    left = max_bytes
+    for rel, path in paths:
+        if left == 0:
+            break
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(left)
+        except OSError as exc:
+            raise DataError(f"{root}: cannot read {rel}: {exc.strerror}") from None
+        if not raw:
+            continue
+        if not _is_text(raw):
+            skipped.append(rel)
+            continue
+        texts[rel] = raw
+        left -= len(raw)
+    return texts, skipped
+
+
+def _is_text(raw: bytes) -> bool:
+    """UTF-8 without a NUL byte (a code point cut at the end of `raw` is allowed)."""
+    if b"\0" in raw:
+        return False
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(raw, final=False)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _split_by_file(texts: dict[str, bytes]) -> tuple[dict[str, bytes], dict[str, bytes]]:
+    """(training texts, validation texts) by relative path, in sorted order. In the order
+    of the SHA-1 of their relative paths, each file that still fits validates, up to 10 % of
+    the bytes (the first file if none fits). One file is split by bytes: its last ⌈10 %⌉
+    validates, the rest trains."""
+    names = sorted(texts)
+    if len(names) == 1:
+        (name,) = names
+        raw = texts[name]
+        cut = len(raw) - math.ceil(_VALIDATION * len(raw))
+        return {name: raw[:cut]}, {name: raw[cut:]}
+    ranked = sorted(names, key=lambda n: hashlib.sha1(n.encode()).hexdigest())
+    share = _VALIDATION * sum(map(len, texts.values()))
+    test: set[str] = set()
+    held = 0
+    for name in ranked:
+        if held + len(texts[name]) <= share:
+            test.add(name)
+            held += len(texts[name])
+    test = test or {ranked[0]}
+    return (
+        {n: texts[n] for n in names if n not in test},
+        {n: texts[n] for n in names if n in test},
+    )
+
+
+def _windows(parts: list[bytes], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x uint8 (N, seq_len), y int64 (N, seq_len)) of `parts` joined by NUL bytes:
+    window i covers bytes [i·seq_len, (i+1)·seq_len], x its first seq_len, y its last."""
+    stream = np.frombuffer(b"\0".join(parts), dtype=np.uint8)
+    n = max(0, (len(stream) - 1) // seq_len)
+    x = stream[: n * seq_len].reshape(n, seq_len)
+    y = stream[1 : n * seq_len + 1].reshape(n, seq_len)
+    return torch.from_numpy(x.copy()), torch.from_numpy(y.astype(np.int64))
 
 
 # --- CIFAR-10 ----------------------------------------------------------------------------

@@ -43,13 +43,19 @@ from torch import nn
 from tqdm import tqdm
 
 import svdkern
-from svdkern.flops import _layer_flops
-from svdkern.layers import layer_inputs
+from svdkern.nn import svd_layers
 from svdkern.train import baselines, checkpoint, report
-from svdkern.train.baselines import decomposable, svd_layers, weight_matrix
-from svdkern.train.data import Dataset, eval_batches, load_dataset, steps_per_epoch, train_batches
-from svdkern.train.models import CLASSIFIER, build_model
-from svdkern.tune import set_memory_format
+from svdkern.train.baselines import decomposable, weight_matrix
+from svdkern.train.data import (
+    Dataset,
+    bits_per_byte,
+    eval_batches,
+    load_dataset,
+    steps_per_epoch,
+    train_batches,
+)
+from svdkern.train.models import CLASSIFIER, build_model, model_sizes
+from svdkern.training import SVDTraining
 
 __all__ = ["Env", "Pipeline", "TrainingError", "init_env", "phases_of"]
 
@@ -193,16 +199,17 @@ def ranks(model: nn.Module, decomposition: str) -> dict[str, int]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, ds: Dataset, device: torch.device) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy as a fraction) on the test set."""
+    """(mean cross-entropy, accuracy as a fraction) on the test set: per sample for a
+    classifier, per predicted byte for a language model."""
     was = model.training
     model.eval()
     loss = correct = 0.0
     for x, y in eval_batches(ds, device):
         out = model(x)
-        loss += F.cross_entropy(out, y, reduction="sum").item()
-        correct += (out.argmax(1) == y).sum().item()
+        loss += F.cross_entropy(out.flatten(0, -2), y.flatten(), reduction="sum").item()
+        correct += (out.argmax(-1) == y).sum().item()
     model.train(was)
-    n = len(ds.y_test)
+    n = ds.y_test.numel()
     return loss / n, correct / n
 
 
@@ -216,17 +223,6 @@ def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
 def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer of `model` by name."""
     return {**dict(model.named_parameters()), **dict(model.named_buffers())}
-
-
-def _apply_forms(
-    model: nn.Module, forms: dict[str, dict[tuple[bool, tuple[int, ...]], bool]], memory_format: str
-) -> None:
-    """Give every SVD layer its forms ({(training, input shape): chain?}) and the model its
-    memory format: those process 0 measured, or those a checkpoint recorded."""
-    set_memory_format(model, memory_format)
-    for name, m in svd_layers(model):
-        for (training, shape), chain in forms.get(name, {}).items():
-            m.set_form(shape, chain, training=training)
 
 
 def _deployed_forms(svd_model: nn.Module, deployed: nn.Module) -> dict[str, str]:
@@ -313,15 +309,18 @@ class Pipeline:
         self.cfg = cfg
         self.env = env
         self.dir = Path(cfg["out"])
-        self.ds = ds if ds is not None else load_dataset(cfg["data"], cfg.get("data_dir"))
-        self.input_shape = (1, *self.ds.input_shape)
+        self.ds = (
+            ds
+            if ds is not None
+            else load_dataset(cfg["data"], cfg.get("data_dir"), seq_len=cfg["seq_len"])
+        )
+        # One input (batch 1) at which MACs are counted: flops, prune, the cuts, compress.
+        self.example = self.ds.example().to(env.device)
         self.phases = phases_of(cfg)
         self.resume = resume
         self.results: dict[str, dict[str, Any]] = resume["results"] if resume else {}
         self.info: dict[str, Any] = resume["info"] if resume else {}
         self.epochs_run = 0
-        # Input shapes of the counted layers for one input (`_deployed_macs`).
-        self._layer_shapes: dict[str, list[tuple[int, ...]]] | None = None
         self._t0 = time.perf_counter()
         self._wall_before = float(resume.get("wall_time_s", 0.0)) if resume else 0.0
         # TRP truncates with the pruning energy rule (ε = --energy, or 1e-3 under --target-flops).
@@ -389,7 +388,9 @@ class Pipeline:
     def skeleton(self, svd: bool) -> nn.Module:
         """A fresh model of the run's architecture (seeded), decomposed if `svd`."""
         torch.manual_seed(self.cfg["seed"])
-        model = build_model(self.cfg["model"], self.ds.input_shape, self.ds.num_classes)
+        model = build_model(
+            self.cfg["model"], self.ds.input_shape, self.ds.num_classes, **model_sizes(self.cfg)
+        )
         if svd:
             svdkern.decompose(model, self.cfg["decomposition"], skip=[CLASSIFIER])
         return model.to(self.env.device)
@@ -407,11 +408,11 @@ class Pipeline:
     def _prune(self, model: nn.Module, key: str, target_macs: int | None = None) -> None:
         """Prune by --energy / --target-flops, or to `target_macs` (posthoc at equal MACs)."""
         kwargs: dict[str, Any] = {
-            "input_shape": self.input_shape,
+            "example_inputs": (self.example,),
             "multiple_of": self.cfg["multiple_of"],
         }
         if target_macs is not None:
-            dense_macs = svdkern.flops(model, self.input_shape).dense_macs
+            dense_macs = svdkern.flops(model, example_inputs=(self.example,)).dense_macs
             kwargs["target_flops"] = min(1.0, target_macs / dense_macs)
         elif self.cfg["target_flops"] is not None:
             kwargs["target_flops"] = self.cfg["target_flops"]
@@ -513,10 +514,12 @@ class Pipeline:
     def measure(self, model: nn.Module) -> dict[str, Any]:
         """Test accuracy, loss, params, MACs (as deployed after compress) and ranks."""
         loss, acc = evaluate(model, self.ds, self.env.device)
-        fl = svdkern.flops(model, self.input_shape)
+        fl = svdkern.flops(model, example_inputs=(self.example,))
+        quality = {"bits_per_byte": bits_per_byte(loss)} if self.ds.task == "lm" else {}
         return {
             "accuracy": acc,
             "loss": loss,
+            **quality,
             "params": fl.compressed_params,
             "macs": fl.compressed_macs,
             "ranks": ranks(model, self.cfg["decomposition"]),
@@ -538,18 +541,13 @@ class Pipeline:
             sched.load_state_dict(state["scheduler"])
             checkpoint.set_rng_state(state["rng"])
             start = state["epoch"]
-        reg = None
-        if phase.svd and (cfg["orth"] > 0 or (phase.sparsity and cfg["strength"] > 0)):
-            reg = svdkern.SVDRegularizer(
-                model,
-                orth=cfg["orth"],
-                sparsity=cfg["sparsity"],
-                strength=cfg["strength"] if phase.sparsity else 0.0,
-            )
         steps = steps_per_epoch(self.ds, cfg["batch_size"])
         t_setup, c_setup = time.perf_counter(), time.process_time()
-        if state is None or not self._restore_forms(model, phase):
-            self._tune(model, phase)
+        st = self._svd_training(model, opt, phase, epochs * steps, steps) if phase.svd else None
+        if st is not None and state is not None and state.get("svd_training"):
+            st.load_state_dict(state["svd_training"])  # the forms in force, the cuts so far
+        elif st is not None and st.tune_forms:
+            st.tune()
         net = self._wrap(model)
         setup_s = time.perf_counter() - t_setup
         setup_cpu = time.process_time() - c_setup
@@ -557,19 +555,10 @@ class Pipeline:
         cpu_seconds = self.info.setdefault("phase_cpu_seconds", {})
         for epoch in range(start, epochs):
             t0, c0 = time.perf_counter(), time.process_time()
-            sums = self._train_epoch(index, epoch, epochs, net, model, opt, reg, steps)
+            cuts_before = len(st.history) if st is not None else 0
+            sums = self._train_epoch(index, epoch, epochs, net, model, opt, st, steps)
             step_s = (time.perf_counter() - t0) / steps
-            # The loss is checked before each step only: the last step can leave non-finite
-            # weights, which must be neither cut, checkpointed nor called good.
-            bad = _non_finite(_weights(model))
-            if bad:
-                more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
-                self._diverged(
-                    f"the weights became NaN or inf in phase {phase.name!r}, epoch {epoch + 1} "
-                    f"({', '.join(bad[:3])}{more})"
-                )
-            cut_now = phase.cuts and (epoch + 1) % cfg["cut_every"] == 0 and epoch + 1 < epochs
-            if cut_now and self._cut(model, opt, phase, epoch):
+            if st is not None and self._record_cuts(st, cuts_before, phase, epoch):
                 if cfg.get("compile"):
                     # The old ranks' graphs are dead: drop them rather than let every cut
                     # add a cache entry until dynamo's recompile limit sends us to eager.
@@ -598,7 +587,7 @@ class Pipeline:
                 "orth": sums["orth"] / n,
                 "sparsity": sums["sparsity"] / n,
                 "nuclear": sums["nuclear"] / n,
-                "train_accuracy": sums["correct"] / n,
+                "train_accuracy": sums["correct"] / max(sums["predicted"], 1),
                 "test_loss": test_loss,
                 "test_accuracy": test_acc,
                 "seconds": time.perf_counter() - t0,
@@ -623,6 +612,7 @@ class Pipeline:
                     "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(),
                     "rng": checkpoint.get_rng_state(),
+                    "svd_training": st.state_dict() if st is not None else None,
                     "config": self.cfg,
                     "results": self.results,
                     "info": self.info,
@@ -657,98 +647,66 @@ class Pipeline:
             net = torch.compile(net, backend=self.cfg["compile"])
         return net
 
-    def _tune(self, model: nn.Module, phase: Phase) -> None:
-        """Measure and fix every SVD layer's form (--tune-forms); the forms of process 0
-        are used everywhere, so every process runs the same computation."""
-        if not (phase.svd and self.cfg.get("tune_forms")):
-            return
-        x = torch.randn(
-            (self.cfg["batch_size"] // self.env.world, *self.ds.input_shape),
-            device=self.env.device,
+    def _svd_training(
+        self, model: nn.Module, opt: torch.optim.Optimizer, phase: Phase, total: int, steps: int
+    ) -> SVDTraining:
+        """The SVD-training recipe of an SVD phase (`svdkern.SVDTraining`): its penalty
+        (λ_s only where the phase has sparsity), and in a phase with cuts, a cut by the
+        energy rule (ε = --cut-energy, ranks rounded up to --multiple-of) at the end of
+        every --cut-every epochs but the last; forms re-tuned with --tune-forms. Under
+        torchrun the ranks and forms of process 0 are applied everywhere."""
+        cfg = self.cfg
+        tune = bool(cfg.get("tune_forms"))
+        batch = cfg["batch_size"] // self.env.world
+        return SVDTraining(
+            model,
+            opt,
+            orth=cfg["orth"],
+            sparsity=cfg["sparsity"],
+            strength=cfg["strength"] if phase.sparsity else 0.0,
+            orth_every=cfg.get("orth_every", 1),
+            cut_every=cfg["cut_every"] * steps if phase.cuts else None,
+            cut_energy=cfg["cut_energy"],
+            cut_until=total,
+            multiple_of=cfg["multiple_of"],
+            example_inputs=(self.example,),
+            tune_forms=tune,
+            tune_inputs=(self.ds.normalize(self.ds.x_train[:batch]).to(self.env.device),)
+            if tune
+            else None,
         )
-        report = svdkern.tune_forms(model, x, training=True, repeats=3, memory_format="auto")
-        chosen = [{name: m.forms for name, m in svd_layers(model)}, report.memory_format]
-        if self.env.world > 1:
-            dist.broadcast_object_list(chosen, src=0)
-        forms, memory_format = chosen
-        _apply_forms(model, forms, memory_format)
-        tuned = self.info.setdefault("tuned_forms", {}).setdefault(phase.name, [])
-        tuned.append(
-            {
-                "forms": report.forms(),
-                "timed": report.timed,
-                "seconds": report.seconds,
-                "memory_format": memory_format,
-                "memory_format_ms": report.memory_format_ms,
-            }
-        )
-        # The forms in force, checkpointed with `info`: a resumed run applies them instead of
-        # timing again (new timings could choose otherwise and change the numerics).
-        self.info["forms_in_force"] = {
-            "phase": phase.name,
-            "memory_format": memory_format,
-            "forms": {
-                name: [[training, list(shape), chain] for (training, shape), chain in f.items()]
-                for name, f in forms.items()
-            },
-        }
 
-    def _restore_forms(self, model: nn.Module, phase: Phase) -> bool:
-        """On resume: apply the forms the interrupted run had in force in this phase."""
-        saved = self.info.get("forms_in_force")
-        if not (phase.svd and self.cfg.get("tune_forms")) or not saved:
-            return False
-        if saved["phase"] != phase.name:
-            return False
-        forms = {
-            name: {(training, tuple(shape)): chain for training, shape, chain in entries}
-            for name, entries in saved["forms"].items()
-        }
-        _apply_forms(model, forms, saved.get("memory_format", "contiguous"))
-        return True
-
-    def _cut(self, model: nn.Module, opt: torch.optim.Optimizer, phase: Phase, epoch: int) -> bool:
-        """Cut ranks by the energy rule (ε = --cut-energy, ranks rounded up to
-        --multiple-of) between optimizer steps: process 0 decides, every process applies
-        the same ranks; the optimizer state is sliced with the parameters; forms re-tuned.
-        Returns whether any rank changed (else the compiled graphs and DDP wrapper stay)."""
-        plan = svdkern.prune(
-            model, energy=self.cfg["cut_energy"], multiple_of=self.cfg["multiple_of"], dry_run=True
-        )
-        ranks = [{lay.name: lay.rank_after for lay in plan.layers}]
-        if self.env.world > 1:
-            dist.broadcast_object_list(ranks, src=0)
-        # No input shape: the prune itself needs none, and the MACs come from the layers'
-        # input shapes recorded once (a rank cut does not change them), not a new forward.
-        report = svdkern.prune(model, ranks=ranks[0], optimizer=opt)
-        changed = any(lay.rank_after < lay.rank_before for lay in report.layers)
-        if changed:
-            self._tune(model, phase)
-        macs, dense = self._deployed_macs(model)
-        self.info.setdefault("cuts", []).append(
-            {
-                "phase": phase.name,
-                "epoch": epoch + 1,
-                "ranks": ranks[0],
-                "macs_after": macs,
-                "flops_ratio": macs / dense,
-            }
-        )
-        self.log(f"[{phase.name}] epoch {epoch + 1}: ranks cut, MACs {macs / dense:.1%} of dense")
+    def _record_cuts(self, st: SVDTraining, first: int, phase: Phase, epoch: int) -> bool:
+        """Log the cuts `st` made in this epoch (its history from index `first`) into the
+        run's info; returns whether any changed a rank (the DDP wrapper and compiled graphs
+        are then stale)."""
+        if st.tunes:
+            self.info.setdefault("tuned_forms", {})[phase.name] = list(st.tunes)
+        changed = False
+        for cut in st.history[first:]:
+            changed |= cut.changed
+            self.info.setdefault("cuts", []).append(
+                {
+                    "phase": phase.name,
+                    "epoch": epoch + 1,
+                    "ranks": cut.ranks,
+                    "macs_after": cut.macs,
+                    "flops_ratio": cut.flops_ratio,
+                }
+            )
+            self.log(
+                f"[{phase.name}] epoch {epoch + 1}: ranks cut, MACs {cut.flops_ratio:.1%} of dense"
+            )
         return changed
 
-    def _deployed_macs(self, model: nn.Module) -> tuple[int, int]:
-        """(MACs of `model` as `compress(policy="flops")` deploys it, MACs of its dense form)
-        for one input of `self.input_shape`, as `svdkern.flops` counts them; the layers'
-        input shapes are recorded on the first call and reused."""
-        if self._layer_shapes is None:
-            self._layer_shapes = layer_inputs(model, self.input_shape)
-        modules = dict(model.named_modules())
-        layers = [
-            _layer_flops(name, modules[name], calls, None)
-            for name, calls in self._layer_shapes.items()
-        ]
-        return sum(lay.compressed_macs for lay in layers), sum(lay.dense_macs for lay in layers)
+    def _check_weights(self, model: nn.Module, phase: Phase, epoch: int) -> None:
+        bad = _non_finite(_weights(model))
+        if bad:
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            self._diverged(
+                f"the weights became NaN or inf in phase {phase.name!r}, epoch {epoch + 1} "
+                f"({', '.join(bad[:3])}{more})"
+            )
 
     def _diverged(self, what: str) -> NoReturn:
         """Stop the run: `what` became non-finite. Only an epoch whose weights and test loss
@@ -770,13 +728,17 @@ class Pipeline:
             "model)."
         )
 
-    def _train_epoch(self, index, epoch, epochs, net, model, opt, reg, steps) -> dict[str, float]:
+    def _train_epoch(self, index, epoch, epochs, net, model, opt, st, steps) -> dict[str, float]:
+        """One epoch of phase `index`; `st` (an SVD phase's SVDTraining) adds its penalty
+        and counts every step, cutting ranks when due. Returns the epoch's sums over all
+        processes (loss terms weighted by samples; "correct" of "predicted" targets)."""
         cfg, env = self.cfg, self.env
         phase = PHASES[self.phases[index]]
         model.train()
         sums = dict.fromkeys(
-            ("loss", "task", "orth", "sparsity", "nuclear", "correct", "count"), 0.0
+            ("loss", "task", "orth", "sparsity", "nuclear", "correct", "count", "predicted"), 0.0
         )
+        penalty = st is not None and (cfg["orth"] > 0 or st.regularizer.strength > 0)
         bar = tqdm(
             total=steps,
             desc=f"{phase.name} {epoch + 1}/{epochs}",
@@ -792,15 +754,11 @@ class Pipeline:
         for i, (x, y) in enumerate(batches):
             with grouped(model):
                 out = net(x)
-            terms = {"task": F.cross_entropy(out, y)}
+            terms = {"task": F.cross_entropy(out.flatten(0, -2), y.flatten())}
             loss = terms["task"]
-            if reg is not None:
-                # --orth-every k: the orthogonality term on every k-th step, weighted k·λ_o.
-                every = cfg.get("orth_every", 1)
-                scale = float(every) if (epoch * steps + i) % every == 0 else 0.0
-                reg_terms = reg(model, orth_scale=scale)
-                terms.update(orth=reg_terms["orth"], sparsity=reg_terms["sparsity"])
-                loss = loss + reg_terms["total"]
+            if penalty:
+                loss = loss + st.penalty()
+                terms.update(orth=st.last_terms["orth"], sparsity=st.last_terms["sparsity"])
             if phase.trp and cfg["trp_nuclear"] > 0:
                 terms["nuclear"] = baselines.nuclear_norm(model, cfg["decomposition"])
                 loss = loss + cfg["trp_nuclear"] * terms["nuclear"]
@@ -817,14 +775,21 @@ class Pipeline:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if i + 1 == steps:
+                # The loss is checked before each step only: the last step can leave
+                # non-finite weights, which must be neither cut, checkpointed nor called good.
+                self._check_weights(model, phase, epoch)
+            if st is not None:
+                st.step()
             if phase.trp and (epoch * steps + i + 1) % cfg["trp_interval"] == 0:
                 baselines.trp_truncate_(model, cfg["decomposition"], self.trp_energy)
             b = len(y)
             sums["loss"] += loss.item() * b
             for k, v in terms.items():
                 sums[k] += v.item() * b
-            sums["correct"] += (out.argmax(1) == y).sum().item()
+            sums["correct"] += (out.argmax(-1) == y).sum().item()
             sums["count"] += b
+            sums["predicted"] += y.numel()
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.close()
@@ -846,6 +811,10 @@ class Pipeline:
         extra = self.info.get(phase.result, {})
         if "accuracy_before_finetune" in extra:
             result["accuracy_before_finetune"] = extra["accuracy_before_finetune"]
+            if self.ds.task == "lm":
+                result["bits_per_byte_before_finetune"] = bits_per_byte(
+                    extra["loss_before_finetune"]
+                )
         self.results[phase.result] = result
         self._save(
             {
@@ -899,11 +868,16 @@ class Pipeline:
         batches = [1, min(256, len(self.ds.y_test))]
         inputs = {b: self.ds.normalize(self.ds.x_test[:b].to(env.device)) for b in batches}
         policy = cfg.get("compress_policy", "flops")
-        shapes = [self.input_shape] if policy != "latency" else [x.shape for x in inputs.values()]
 
         def deploy(model: nn.Module) -> nn.Module:
-            shape = shapes[0] if policy != "latency" else shapes
-            return svdkern.compress(model, policy, input_shape=shape).eval()
+            if policy != "latency":
+                return svdkern.compress(model, policy, example_inputs=(self.example,)).eval()
+            if self.ds.task == "lm":
+                # Token ids cannot be drawn as random floats: timed at the largest batch.
+                example = (inputs[batches[-1]],)
+                return svdkern.compress(model, policy, example_inputs=example).eval()
+            shapes = [x.shape for x in inputs.values()]
+            return svdkern.compress(model, policy, input_shape=shapes).eval()
 
         # Every trained model, loaded once, in its deployed form (compressed unless it is
         # dense), the final one compressed once and shared with the "compressed" result, all

@@ -1,13 +1,21 @@
-"""Models of `svdkern train`: an MLP and a small CNN for 8×8 digits, CIFAR ResNets.
+"""Models of `svdkern train`: an MLP and a small CNN for 8×8 digits, CIFAR ResNets, and
+a small GPT-2 for byte-level language modelling.
 
 Every model names its final classifier `fc`; the pipeline decomposes every other
 Linear/Conv2d (the authors decompose every conv — first, stride-2 and 1×1
-shortcut convs — but not the final Linear).
+shortcut convs — but not the final Linear) and, in GPT-2, every transformers `Conv1D`
+(c_attn, c_proj, c_fc); its embeddings are not decomposable layers, and its `fc` (the LM
+head) shares its weight with the token embedding, which `svdkern.decompose` leaves dense
+anyway.
 
 ResNet-20/32/56/110 are He et al.'s CIFAR networks (3 stages of 16/32/64 channels,
 n = (depth − 2)/6 BasicBlocks each, option-A shortcuts: stride-2 subsampling and
 zero channel padding, no parameters). ResNet-18 is the usual CIFAR variant
 (3×3 stem, stages of 64/128/256/512 channels, 1×1-conv shortcuts).
+
+gpt2-tiny is transformers' GPT2Model from a GPT2Config (random weights, nothing
+downloaded; default 4 layers, width 192, 4 heads, no dropout, n_positions = the window
+length) and a bias-free `fc` head tied to the token embedding, as GPT2LMHeadModel ties it.
 """
 
 from __future__ import annotations
@@ -16,9 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CLASSIFIER", "build_model"]
+__all__ = ["CLASSIFIER", "LM_MODELS", "MODELS", "SIZES", "build_model", "model_sizes"]
 
 CLASSIFIER = "fc"
+MODELS = ("mlp", "cnn", "resnet20", "resnet32", "resnet56", "resnet110", "resnet18", "gpt2-tiny")
 
 
 class MLP(nn.Module):
@@ -138,18 +147,96 @@ class ResNet(nn.Module):
         return self.fc(self.layers(x).mean(dim=(2, 3)))
 
 
-def build_model(name: str, in_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """A fresh model by name: mlp, cnn, resnet20/32/56/110, resnet18."""
+class GPT2LM(nn.Module):
+    """GPT-2 language model: token ids (B, T) int64 → next-token logits (B, T, vocab).
+
+    `transformer` is transformers' GPT2Model (token and position embeddings, `layers`
+    pre-LN blocks of causal self-attention and a 4·width MLP, final LayerNorm); `fc` is
+    the LM head, its weight the token embedding's (tied).
+
+    Example::
+
+        model = GPT2LM(seq_len=64, vocab_size=256)
+        logits = model(torch.randint(0, 256, (8, 64)))      # (8, 64, 256)
+    """
+
+    def __init__(
+        self,
+        seq_len: int,
+        vocab_size: int = 256,
+        width: int = 192,
+        layers: int = 4,
+        heads: int = 4,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        from transformers import GPT2Config, GPT2Model
+
+        if width % heads:
+            raise ValueError(f"width {width} must be a multiple of heads {heads}")
+        config = GPT2Config(
+            vocab_size=vocab_size,
+            n_positions=seq_len,
+            n_embd=width,
+            n_layer=layers,
+            n_head=heads,
+            resid_pdrop=dropout,
+            embd_pdrop=dropout,
+            attn_pdrop=dropout,
+            bos_token_id=None,
+            eos_token_id=None,
+            use_cache=False,
+        )
+        self.transformer = GPT2Model(config)
+        self.fc = nn.Linear(width, vocab_size, bias=False)
+        self.fc.weight = self.transformer.wte.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.transformer(input_ids=x, use_cache=False).last_hidden_state)
+
+
+# The sizes each model takes (build_model's keyword arguments); those with a flag of
+# `svdkern train` (--width, --layers, --heads) come from the run's configuration.
+SIZES = {
+    "mlp": ("hidden",),
+    "cnn": ("width",),
+    "gpt2-tiny": ("width", "layers", "heads", "dropout"),
+}
+SIZE_FLAGS = ("width", "layers", "heads")
+# Models of the "lm" task: token windows (B, T) in, logits (B, T, vocab) out.
+LM_MODELS = ("gpt2-tiny",)
+
+
+def model_sizes(cfg: dict) -> dict[str, int]:
+    """The size flags a run's configuration sets ({"width": 64, ...}; unset ones left to
+    the model's defaults)."""
+    return {key: cfg[key] for key in SIZE_FLAGS if cfg.get(key) is not None}
+
+
+def build_model(name: str, in_shape: tuple[int, ...], num_classes: int, **sizes) -> nn.Module:
+    """A fresh model by name: mlp, cnn, resnet20/32/56/110, resnet18, gpt2-tiny.
+
+    `sizes` override a model's defaults: mlp `hidden`; cnn `width`; gpt2-tiny `width`,
+    `layers`, `heads`, `dropout` (its in_shape is (seq_len,), num_classes its vocabulary).
+    """
+    unknown = sorted(set(sizes) - set(SIZES.get(name, ())))
+    if unknown and name in MODELS:
+        raise ValueError(
+            f"model {name!r} takes the sizes {list(SIZES.get(name, ())) or 'none'}; got {unknown}"
+        )
     if name == "mlp":
-        return MLP(in_shape, num_classes)
+        return MLP(in_shape, num_classes, **sizes)
     if name == "cnn":
-        return SmallCNN(in_shape, num_classes)
+        return SmallCNN(in_shape, num_classes, **sizes)
     if name in ("resnet20", "resnet32", "resnet56", "resnet110"):
         n = (int(name[6:]) - 2) // 6
         return ResNet([n, n, n], [16, 32, 64], in_shape[0], num_classes, option="A")
     if name == "resnet18":
         return ResNet([2, 2, 2, 2], [64, 128, 256, 512], in_shape[0], num_classes, option="B")
-    raise ValueError(
-        f"unknown model {name!r}; expected mlp, cnn, resnet20, resnet32, resnet56, resnet110 "
-        "or resnet18"
-    )
+    if name == "gpt2-tiny":
+        if len(in_shape) != 1:
+            raise ValueError(
+                f"gpt2-tiny takes windows of token ids, in_shape (seq_len,); got {in_shape}"
+            )
+        return GPT2LM(in_shape[0], num_classes, **sizes)
+    raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")

@@ -81,11 +81,13 @@ def plot_ranks(
 
 
 def plot_accuracy_vs_macs(runs: dict[str, dict[str, dict[str, Any]]], path: Path) -> Path:
-    """Test accuracy (%) vs MACs (log) of every model of every run.
+    """Test accuracy (%) vs MACs (log) of every model of every run; validation bits per
+    byte instead when every model is a language model.
 
     One run: a colour per model. Several runs: a colour per run, a marker per model.
     `compressed` is left out (it is the pruned model, at the same MACs and accuracy).
     """
+    lm = all("bits_per_byte" in m for models in runs.values() for m in models.values())
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (run, models) in enumerate(runs.items()):
@@ -97,7 +99,7 @@ def plot_accuracy_vs_macs(runs: dict[str, dict[str, dict[str, Any]]], path: Path
             single = len(runs) == 1
             ax.scatter(
                 m["macs"],
-                100 * m["accuracy"],
+                m["bits_per_byte"] if lm else 100 * m["accuracy"],
                 marker=_MARKERS.get(name, "o"),
                 color=colors[(j if single else i) % len(colors)],
                 s=50,
@@ -106,8 +108,8 @@ def plot_accuracy_vs_macs(runs: dict[str, dict[str, dict[str, Any]]], path: Path
             )
     ax.set_xscale("log")
     ax.set_xlabel("MACs per sample (log)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("accuracy vs MACs", fontsize=10)
+    ax.set_ylabel("validation bits per byte (lower is better)" if lm else "test accuracy (%)")
+    ax.set_title("bits per byte vs MACs" if lm else "accuracy vs MACs", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     _save(fig, path)

@@ -95,10 +95,29 @@ def _forms_note(model: dict[str, Any]) -> str:
     return f" ({pairs} of {n} SVD layers as low-rank pairs, {n - pairs} dense)"
 
 
+def quality_header(models: Sequence[dict[str, Any]]) -> str:
+    """The quality column's title: test accuracy (classifiers), validation bits per byte
+    (language models), or both kinds when the models mix them."""
+    kinds = {"bits_per_byte" in m for m in models}
+    if kinds == {True}:
+        return "val bits/byte"
+    return "test accuracy" if kinds == {False} else "accuracy / bits/byte"
+
+
+def quality(m: dict[str, Any]) -> str:
+    """A model's quality figure: its validation bits per byte (lower is better) for a
+    language model, else its test accuracy."""
+    if "bits_per_byte" in m:
+        return f"{m['bits_per_byte']:.4f}"
+    return f"{100 * m['accuracy']:.2f}%"
+
+
 def format_table(models: dict[str, dict[str, Any]], markdown: bool = False) -> str:
-    """accuracy, params, MACs (and × fewer MACs than dense) of every model."""
+    """quality (accuracy or bits per byte), params, MACs (and × fewer MACs than dense) and
+    training seconds of every model."""
     dense_macs = models.get("dense", {}).get("macs")
-    header = ["model", "test accuracy", "params", "MACs", "MACs ÷", "train s"]
+    header = ["model", quality_header(list(models.values())), "params", "MACs", "MACs ÷"]
+    header.append("train s")
     rows = []
     for name in _ordered(models):
         m = models[name]
@@ -107,7 +126,7 @@ def format_table(models: dict[str, dict[str, Any]], markdown: bool = False) -> s
         rows.append(
             [
                 name,
-                f"{100 * m['accuracy']:.2f}%",
+                quality(m),
                 f"{m['params']:,}",
                 f"{m['macs']:,}",
                 ratio,
@@ -169,15 +188,20 @@ def _markdown(report: dict[str, Any], pictures: dict[str, str]) -> str:
         f"- **{k}**: {DESCRIPTIONS.get(k, k)}{_forms_note(models[k])}" for k in _ordered(models)
     ]
     before = {
-        k: m["accuracy_before_finetune"]
+        k: quality(
+            {"accuracy": m["accuracy_before_finetune"]}
+            if "bits_per_byte_before_finetune" not in m
+            else {"bits_per_byte": m["bits_per_byte_before_finetune"]}
+        )
         for k, m in models.items()
         if "accuracy_before_finetune" in m
     }
     if before:
+        what = quality_header(list(models.values())).replace("val bits/byte", "Bits per byte")
         lines += [
             "",
-            "Test accuracy right after pruning, before fine-tuning: "
-            + ", ".join(f"{k} {100 * v:.2f}%" for k, v in before.items())
+            f"{what[0].upper()}{what[1:]} right after pruning, before fine-tuning: "
+            + ", ".join(f"{k} {v}" for k, v in before.items())
             + ".",
         ]
     lat = report.get("latency")
@@ -276,7 +300,8 @@ def write_report(
 def compare(run_dirs: Sequence[str], plot: str | None = "compare.png") -> str:
     """One table of every model of every run, and one accuracy-vs-MACs plot."""
     runs = {str(d): _load_models(Path(d)) for d in run_dirs}
-    header = ["run", "model", "test accuracy", "params", "MACs", "MACs ÷"]
+    every = [m for models in runs.values() for m in models.values()]
+    header = ["run", "model", quality_header(every), "params", "MACs", "MACs ÷"]
     rows = []
     for run, models in runs.items():
         dense = models.get("dense", {}).get("macs")
@@ -287,7 +312,7 @@ def compare(run_dirs: Sequence[str], plot: str | None = "compare.png") -> str:
                 [
                     run,
                     name,
-                    f"{100 * m['accuracy']:.2f}%",
+                    quality(m),
                     f"{m['params']:,}",
                     f"{m['macs']:,}",
                     ratio,
