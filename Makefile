@@ -23,8 +23,8 @@ COMPAT_PY     := $(CURDIR)/$(COMPAT_VENV)/bin/python
 # scalar raises "only 0-dimensional arrays can be converted to Python scalars"; fixed in
 # later triton). Also the dev and train extras of pyproject.toml (ruff aside).
 COMPAT_PKGS   := torch==2.11.0 triton==3.6.0 "numpy<2.4" setuptools wheel \
-                 pytest pytest-benchmark hypothesis "transformers>=5.0,<6" \
-                 scikit-learn matplotlib tqdm
+                 pytest pytest-benchmark pytest-xdist hypothesis "transformers>=5.0,<6" \
+                 accelerate scikit-learn matplotlib tqdm
 # One stamp per package list: an existing venv gets the packages added to the list (a pip
 # install of what is missing, seconds) instead of being rebuilt.
 COMPAT_STAMP  := $(COMPAT_VENV)/.pkgs-$(shell printf '%s' '$(COMPAT_PKGS)' | sha1sum | cut -c1-12)
@@ -35,8 +35,8 @@ COMPAT_PYTHON ?= $(shell for p in python3.12 $(wildcard /root/.pyenv/versions/3.
 # outside its fresh clone, so an unchanged kernel is compiled once per machine).
 KERNEL_CACHE  ?= $(CURDIR)/$(COMPAT_DIR)/triton-cache
 
-.PHONY: demo test test-cpu test-interp test-compat kernel-check gpu-test gpu-bench \
-        test-gpu bench-gpu bench lint install clean compat-build mutants
+.PHONY: demo test test-cpu test-interp test-compat kernel-check gpu-check gpu-prebuilt gpu-cache \
+        gpu-test gpu-bench test-gpu bench-gpu bench lint install clean compat-build mutants
 
 # The backend and every op against the reference, then the whole pipeline on digits.
 demo: $(VENV)/.installed
@@ -71,7 +71,8 @@ test-compat: compat-build
 # Every Triton kernel variant the launchers' autotuners would keep for a fixed list of
 # realistic shapes, compiled for sm_90 with triton 3.6's own ptxas (no GPU needed); fails on
 # shared memory over the H100's limit, spills in bf16 hot kernels, bf16 tiles without wgmma.
-# Writes bench/results/kernels_sm90.md.
+# Writes bench/results/kernels_sm90.md, with the compiles each GPU run needs (gpu-check's
+# tests and benchmarks, gpu-test, gpu-bench; `tools/kernel_check.py --count` prints only those).
 kernel-check: compat-build
 	cd $(COMPAT_SRC) && TRITON_CACHE_DIR=$(KERNEL_CACHE) $(COMPAT_PY) tools/kernel_check.py \
 		--report $(CURDIR)/bench/results/kernels_sm90.md
@@ -96,6 +97,36 @@ compat-build: $(COMPAT_STAMP)
 	@mkdir -p $(COMPAT_SRC) && echo '*' > $(COMPAT_DIR)/.gitignore
 	$(COMPAT_PY) tools/sync_tree.py $(COMPAT_SRC)
 	cd $(COMPAT_SRC) && $(COMPAT_PY) setup.py -q build_ext --inplace
+
+# gpu-check: the GPU check in under 5 minutes on a bare H100 machine (tools/gpu_check.py): the
+# extension (reused when a prebuilt one of these sources imports, else built with ninja on
+# every core) while the kernels compile into triton's cache in parallel; then the ops on CUDA
+# against the reference (pytest-xdist, SVDKERN_AUTOTUNE=0) beside a ResNet-20 run against the
+# reference path, the headline benchmarks, the remaining GPU tests until a 280 s deadline.
+# A line per result; gpu_check.{log,json,md} in $OUT if set, else bench/results/. Exit status
+# 2 at once without a CUDA device.
+GPU_JOBS ?= $(shell nproc 2>/dev/null || echo 16)
+gpu-check:
+	$(PYTHON) tools/gpu_check.py --jobs $(GPU_JOBS)
+
+# A prebuilt extension for the GPU machine's stack (Python 3.12, torch 2.11), from the compat
+# build, debug info stripped, with the stamp of its sources (build/svdkern_C.sources): carry
+# both with the tree and gpu-check imports it instead of building (~3 s instead of ~40 s).
+gpu-prebuilt: compat-build
+	for so in $(COMPAT_SRC)/svdkern/_C.cpython-*.so; do \
+		strip --strip-debug -o svdkern/$$(basename $$so) $$so; done
+	$(COMPAT_PY) tools/gpu_check.py --stamp
+
+# The kernels gpu-check compiles, compiled here for sm_90 with the GPU machine's triton (3.6,
+# .venv-compat), binaries only (~22 MB): carry .compat/gpu-triton-cache and gpu-check seeds
+# triton's cache with it; the hits it reports say whether the keys matched there.
+GPU_CACHE := $(COMPAT_DIR)/gpu-triton-cache
+gpu-cache: $(COMPAT_STAMP)
+	rm -rf $(GPU_CACHE)
+	for cases in gpu-check gpu-check-bench; do \
+		TRITON_CACHE_DIR=$(CURDIR)/$(GPU_CACHE) TRITON_STORE_BINARY_ONLY=1 \
+			$(COMPAT_PY) tools/kernel_check.py --warm $$cases --jobs $(MAX_JOBS) || exit 1; done
+	du -sh $(GPU_CACHE)
 
 # On a GPU machine with torch + triton already installed (no download, no ninja needed),
 # each designed to fit one 10-minute call on an H100 (estimates: bench/results/kernels_sm90.md

@@ -16,11 +16,20 @@ a CompositeImplicitAutograd op over compose_grouped_packed). If `svdkern._C` can
 be loaded, the functions run `svdkern.reference` instead (one warning);
 `backend()` says which implementation serves each device.
 
+If a Triton kernel fails on a device (Triton raises while compiling or launching it: an
+unsupported GPU, a compiler bug, a config out of shared memory), the op warns once, naming
+the op, the device and the error, and runs its plain-PyTorch form (`_REFERENCE_IMPLS`, the
+math of `svdkern.reference` with the op schema's outputs) on that device from then on;
+`backend()["fallbacks"]` lists those ops. Wrong results are not caught this way; input
+errors (ValueError, TypeError from the checks) raise as always.
+
 Environment:
     SVDKERN_BACKEND=triton   also serve CPU tensors with the Triton kernels
                              (with TRITON_INTERPRET=1: tests of the kernels
                              without a GPU).
     SVDKERN_BACKEND=reference  ignore `_C` and run the reference everywhere.
+    SVDKERN_STRICT=1         no fallback: a failing Triton kernel raises (the tests and
+                             `make gpu-check` set it).
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -107,12 +117,212 @@ def _triton_impls() -> dict[str, Callable]:
     return kernels.IMPLS
 
 
+# (op name, device) → the error of the Triton kernel that failed there; the op runs its
+# plain-PyTorch form on that device from then on.
+_FALLBACKS: dict[tuple[str, str], str] = {}
+
+
+@functools.cache
+def _triton_dir() -> str:
+    import triton
+
+    return os.path.dirname(os.path.abspath(triton.__file__)) + os.sep
+
+
+def _raised_by_triton(exc: Exception) -> bool:
+    """Whether `exc` is a failure of Triton compiling or launching a kernel: a TritonError
+    (compilation, out of resources, ptxas), or any error raised inside the triton package
+    (an MLIR pass, the driver). Not the launchers' own input checks, nor running out of
+    device memory (the reference would need that memory too)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    from triton.errors import TritonError
+
+    if isinstance(exc, TritonError):
+        return True
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.startswith(_triton_dir()):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def _strict() -> bool:
+    return os.environ.get("SVDKERN_STRICT", "").strip() == "1"
+
+
+def _device_of(args: Sequence) -> str:
+    """The device of the first tensor among the op's arguments (lists included)."""
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            return str(arg.device)
+        if isinstance(arg, (list, tuple)) and arg and isinstance(arg[0], torch.Tensor):
+            return str(arg[0].device)
+    raise ValueError("no tensor among the arguments")
+
+
+def _fall_back(name: str, device: str, exc: Exception) -> None:
+    lines = str(exc).strip().splitlines()
+    error = f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+    _FALLBACKS[(name, device)] = error
+    warnings.warn(
+        f"svdkern: the Triton kernel of svdkern::{name} failed on {device} ({error}); "
+        f"svdkern::{name} runs the plain-PyTorch reference on {device} from now on "
+        "(SVDKERN_STRICT=1 raises instead)",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
 def _triton_impl(name: str) -> Callable:
+    """The op's kernel for the devices Triton serves: the launcher, or the op's
+    plain-PyTorch form where the launcher failed on that device (see the module docstring)."""
+    fallback = _REFERENCE_IMPLS[name]
+
     def impl(*args):
-        return _triton_impls()[name](*args)
+        device = _device_of(args)
+        if (name, device) not in _FALLBACKS:
+            try:
+                return _triton_impls()[name](*args)
+            except Exception as exc:
+                if _strict() or not _raised_by_triton(exc):
+                    raise
+                _fall_back(name, device, exc)
+        return fallback(*args)
 
     impl.__name__ = f"{name}_triton"
     return impl
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops in plain PyTorch, one function per name of OP_NAMES with its schema's arguments and
+# outputs (packed buffers for the grouped ops, an empty x·V, Gram residuals): the math of
+# svdkern.reference, with the gradients autograd would take of it.
+
+
+def _compose(U, s, V):
+    check_factors("compose", U, s, V)
+    return reference.compose(U, s, V)
+
+
+def _compose_backward(grad_W, U, s, V):
+    check_factors("compose_backward", U, s, V)
+    grad_W = grad_W.to(U.dtype)
+    G = grad_W @ V
+    return G * s, (G * U).sum(0), grad_W.T @ (U * s)
+
+
+def _compose_grouped_packed(Us, ss, Vs):
+    check_grouped("compose_grouped", Us, ss, Vs)
+    return torch.cat([reference.compose(U, s, V).reshape(-1) for U, s, V in zip(Us, ss, Vs)])
+
+
+def _compose_grouped_backward(grad_W, Us, ss, Vs):
+    check_grouped("compose_grouped_backward", Us, ss, Vs)
+    sizes = [U.shape[0] * V.shape[0] for U, V in zip(Us, Vs)]
+    grads = [
+        _compose_backward(g.reshape(U.shape[0], V.shape[0]), U, s, V)
+        for g, U, s, V in zip(grad_W.split(sizes), Us, ss, Vs)
+    ]
+    dF = torch.cat([dU.reshape(-1) for dU, _, _ in grads] + [dV.reshape(-1) for *_, dV in grads])
+    return dF, torch.cat([ds for _, ds, _ in grads])
+
+
+def _lowrank_linear(x, U, s, V, bias=None):
+    check_lowrank_input("lowrank_linear", x, U, s, V, bias)
+    return reference.lowrank_linear(x, U, s, V, bias)
+
+
+def _lowrank_linear_forward(x, U, s, V, bias=None):
+    return _lowrank_linear(x, U, s, V, bias), x.new_empty((0,))
+
+
+def _lowrank_linear_backward(grad_y, x, U, s, V, xv, bias_grad):
+    check_lowrank_input("lowrank_linear_backward", x, U, s, V, None)
+    m, n = U.shape[0], V.shape[0]
+    x2 = x.reshape(-1, n)
+    g = grad_y.to(x.dtype).reshape(-1, m)
+    t = x2 @ V  # recomputed, as the Triton kernels do (xv is empty on their devices)
+    h = g @ U
+    dt = h * s
+    dbias = g.sum(0) if bias_grad else U.new_empty((0,))
+    return (dt @ V.T).reshape(x.shape), g.T @ (t * s), (h * t).sum(0), x2.T @ dt, dbias
+
+
+def _orth_loss(mats):
+    check_mats("orth_loss", mats)
+    return reference.orth_loss(mats)
+
+
+def _orth_loss_forward(mats):
+    check_mats("orth_loss", mats)
+    residuals = []
+    for M in mats:
+        A = M.to(reference.loss_dtype(M.dtype))
+        residuals.append(A.T @ A - torch.eye(A.shape[1], dtype=A.dtype, device=A.device))
+    return reference.orth_loss(mats), torch.cat([R.reshape(-1) for R in residuals])
+
+
+def _orth_loss_backward(grad, mats, residuals):
+    """d/dM Σ ‖(MᵀM − I)/r‖²_F = 4·M·R/r², R = MᵀM − I (symmetric), per matrix."""
+    check_mats("orth_loss_backward", mats)
+    acc = reference.loss_dtype(mats[0].dtype)
+    g = grad.to(device=mats[0].device, dtype=acc)
+    out, start = [], 0
+    for M in mats:
+        r = M.shape[1]
+        R = residuals[start : start + r * r].reshape(r, r).to(acc)
+        start += r * r
+        out.append((4 * g / r**2 * (M.to(acc) @ R)).to(M.dtype).reshape(-1))
+    return torch.cat(out)
+
+
+def _sparsity_loss(svals, kind):
+    check_svals("sparsity_loss", svals, kind)
+    return reference.sparsity_loss(svals, kind)
+
+
+def _sparsity_gradient(a: torch.Tensor, kind: str) -> torch.Tensor:
+    """dR/da of reference._sparsity for one vector a (in the loss dtype): with c = ‖a‖_∞
+    (constant), t = a/c and h = ‖t‖₁/max(‖t‖₂, tiny), dh/da = (sign(t)/l₂ − h·t/(‖t‖₂·l₂))/c,
+    the second term only where ‖t‖₂ ≥ tiny (clamp_min passes no gradient below)."""
+    sign = torch.sign(a)
+    if kind == "l1":
+        return sign
+    amax = a.abs().amax()
+    c = torch.where(amax > 0, amax, torch.ones_like(amax))
+    t = a / c
+    tiny = torch.finfo(a.dtype).tiny
+    norm = torch.linalg.vector_norm(t)
+    l2 = norm.clamp_min(tiny)
+    h = t.abs().sum() / l2
+    through_norm = torch.where(norm >= tiny, h / (l2 * l2), torch.zeros_like(h))
+    dh = (sign / l2 - through_norm * t) / c
+    return dh if kind == "hoyer" else 2 * h * dh
+
+
+def _sparsity_loss_backward(grad, svals, kind):
+    check_svals("sparsity_loss_backward", svals, kind)
+    acc = reference.loss_dtype(svals[0].dtype)
+    g = grad.to(device=svals[0].device, dtype=acc)
+    return torch.cat([(g * _sparsity_gradient(s.to(acc), kind)).to(s.dtype) for s in svals])
+
+
+_REFERENCE_IMPLS: dict[str, Callable] = {
+    "compose": _compose,
+    "compose_backward": _compose_backward,
+    "compose_grouped_packed": _compose_grouped_packed,
+    "compose_grouped_backward": _compose_grouped_backward,
+    "lowrank_linear": _lowrank_linear,
+    "lowrank_linear_forward": _lowrank_linear_forward,
+    "lowrank_linear_backward": _lowrank_linear_backward,
+    "orth_loss": _orth_loss,
+    "orth_loss_forward": _orth_loss_forward,
+    "orth_loss_backward": _orth_loss_backward,
+    "sparsity_loss": _sparsity_loss,
+    "sparsity_loss_backward": _sparsity_loss_backward,
+}
 
 
 def _register_fakes() -> None:
@@ -293,17 +503,27 @@ def _use_reference() -> bool:
     return _REFERENCE_MODE or not _HAS_C
 
 
-def backend() -> dict[str, str]:
-    """Which implementation serves each device: 'cpp', 'triton' or 'reference'.
+def backend() -> dict[str, Any]:
+    """Which implementation serves each device: 'cpp', 'triton' or 'reference'; and, once a
+    Triton kernel failed on a device, under "fallbacks" the ops that run the plain-PyTorch
+    reference there instead, with the error (the key is absent while there are none).
 
-    Example: ``svdkern.backend()`` → ``{'cpu': 'cpp', 'cuda': 'triton'}``.
+    Example: ``svdkern.backend()`` → ``{'cpu': 'cpp', 'cuda': 'triton'}``; after a failure
+    ``{'cpu': 'cpp', 'cuda': 'triton', 'fallbacks': {'cuda:0': {'compose_backward':
+    'OutOfResources: out of resource: shared memory, ...'}}}``.
     """
     if not _HAS_C:
         return {"cpu": "reference", "cuda": "reference"}
-    return {
+    out: dict[str, Any] = {
         "cpu": "triton" if _BACKEND_ENV == "triton" else "cpp",
         "cuda": "triton" if _HAS_TRITON else "unavailable (install triton)",
     }
+    if _FALLBACKS:
+        fallbacks: dict[str, dict[str, str]] = {}
+        for (name, device), error in sorted(_FALLBACKS.items()):
+            fallbacks.setdefault(device, {})[name] = error
+        out["fallbacks"] = fallbacks
+    return out
 
 
 def compose(U: torch.Tensor, s: torch.Tensor, V: torch.Tensor) -> torch.Tensor:

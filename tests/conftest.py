@@ -1,14 +1,18 @@
 """Shared fixtures: every test starts from the same seed; `cuda` tests skip without a GPU;
 `interp` tests run only when the Triton kernels serve the tensors they get, and skip, with
-the reason, where this triton's interpreter is known to be broken."""
+the reason, where this triton's interpreter is known to be broken. `run_cli` and `kill_at`
+run `svdkern train` in a subprocess, to its end or to a kill -9 at a checkpoint."""
 
 from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import sys
-from collections.abc import Callable
+import tempfile
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +23,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ROOT = Path(__file__).resolve().parents[1]
 # The command line of `svdkern train` run as a subprocess of the tests.
 TRAIN = [sys.executable, "-m", "svdkern", "train"]
+
+# A Triton kernel that fails in a test raises instead of falling back to the reference
+# (svdkern.ops): the tests must see it. Subprocesses of the tests inherit it.
+os.environ["SVDKERN_STRICT"] = "1"
 
 # The transformers models of test_real_models.py are built from config classes with random
 # weights; with these flags any attempt to reach the model hub fails at once instead.
@@ -41,6 +49,51 @@ def cli_env() -> dict[str, str]:
 def run_cli(cmd: list[str]) -> subprocess.CompletedProcess:
     """`cmd` run to its end in the checkout with `cli_env()`, text output captured."""
     return subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300)
+
+
+def kill_at(
+    cmd: list[str], run: Path, phases: Sequence[str], at: tuple[str, int], slice_s: float = 0.01
+) -> dict:
+    """Start `cmd` (an `svdkern train` writing into `run`) and kill -9 it as soon as its
+    checkpoint.pt is at or past `at` = (phase, epoch), phases in the order of `phases`;
+    returns the checkpoint left on disk.
+
+    The process runs in slices of `slice_s` seconds, stopped (SIGSTOP) between them while
+    its checkpoint is looked at, so the kill lands at most about a slice after the wanted
+    checkpoint was written, wherever the process then is in its work. Fails if the process
+    ends first.
+    """
+    from svdkern.train import checkpoint
+
+    def position(state: dict) -> tuple[int, int]:
+        return phases.index(state["phase"]), state["epoch"]
+
+    path, target = run / "checkpoint.pt", (phases.index(at[0]), at[1])
+    seen, deadline = None, time.monotonic() + 300
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            while True:
+                time.sleep(slice_s)
+                proc.send_signal(signal.SIGSTOP)
+                if proc.poll() is not None:
+                    err.seek(0)
+                    raise AssertionError(
+                        f"{cmd} ended (status {proc.returncode}) before a checkpoint at {at}:\n"
+                        + err.read().decode(errors="replace")[-3000:]
+                    )
+                stat = path.stat() if path.exists() else None
+                stamp = stat and (stat.st_mtime_ns, stat.st_ino)  # a new file at every save
+                if stamp and stamp != seen:
+                    seen = stamp
+                    if position(checkpoint.load(path)) >= target:
+                        break
+                assert time.monotonic() < deadline, f"no checkpoint at {at} in 300 s"
+                proc.send_signal(signal.SIGCONT)
+        finally:
+            proc.kill()
+            proc.wait(timeout=60)
+    return checkpoint.load(path)
 
 
 def _version(text: str) -> tuple[int, int]:

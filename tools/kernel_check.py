@@ -32,9 +32,19 @@ A variant fails the gate when (`verdict`):
 - it does not compile, or a launcher raises.
 fp32 spills and the MMA kind of every kernel (orth backward's included) are reported only.
 
-It also counts the compiles of `make gpu-test` (SVDKERN_AUTOTUNE=0: one config per kernel
-specialization, counted in a subprocess over `gpu_test_cases()`) and `make gpu-bench`
-(autotuned, over `gpu_bench_cases()`), for the run-time estimates of those targets.
+It also counts the compiles of `make gpu-check` (its correctness part at fixed configs,
+`gpu_check_cases()`, and its headline benchmarks autotuned, `gpu_check_bench_cases()`),
+`make gpu-test` (SVDKERN_AUTOTUNE=0: one config per kernel specialization, counted in a
+subprocess over `gpu_test_cases()`) and `make gpu-bench` (autotuned, over
+`gpu_bench_cases()`), for the run-time estimates of those targets.
+
+    python tools/kernel_check.py --count               # only the counts (no compile), JSON
+    python tools/kernel_check.py --warm gpu-check --arch 90 --jobs 8
+
+`--warm` (on the GPU machine, by `make gpu-check`) compiles every variant of a case list
+for the local GPU into TRITON_CACHE_DIR, C launchers included, in parallel processes, so
+that the tests and benchmarks after it load kernels from the cache instead of compiling
+them one by one.
 """
 
 from __future__ import annotations
@@ -399,6 +409,103 @@ def gpu_test_cases() -> list[Case]:
     ]
 
 
+def _orth_sparsity_cases(label: str, mats, svals, dtypes) -> list[Case]:
+    """orth_loss (forward, with residuals, backward) of matrices of shapes `mats` and
+    sparsity_loss (every kind, forward and backward) of vectors of lengths `svals`."""
+    import torch
+
+    from svdkern.kernels import IMPLS
+
+    cases = []
+    for name, dtype in dtypes:
+
+        def orth(dtype=dtype):
+            ms = [_t(k, r, dtype=dtype) for k, r in mats]
+            IMPLS["orth_loss"](ms)
+            _, residuals = IMPLS["orth_loss_forward"](ms)
+            IMPLS["orth_loss_backward"](torch.tensor(1.0), ms, residuals)
+
+        def sparsity(dtype=dtype):
+            vs = [_t(n, dtype=dtype) for n in svals]
+            for kind in ("l1", "hoyer", "hoyer_square"):
+                IMPLS["sparsity_loss"](vs, kind)
+                IMPLS["sparsity_loss_backward"](torch.tensor(1.0), vs, kind)
+
+        cases.append(Case(f"orth_loss {label} {name}", "orth_loss", name, orth))
+        cases.append(Case(f"sparsity_loss {label} {name}", "sparsity_loss", name, sparsity))
+    return cases
+
+
+def gpu_check_cases() -> list[Case]:
+    """What the correctness part of `make gpu-check` launches (SVDKERN_AUTOTUNE=0): the
+    shapes of tests/test_ops_cuda.py (fp32, bf16, fp16), the small odd shapes of
+    tests/test_kernels.py's kernel tests (fp32, bf16; they run on the GPU there), its
+    ResNet-20 model run (fp32) and the opcheck and torch.compile cases of tests/test_ops.py
+    on CUDA (fp32)."""
+    three, two, fp32 = _dtypes("fp32", "bf16", "fp16"), _dtypes("fp32", "bf16"), _dtypes("fp32")
+    ops_group = [(37, 29, 13), (1, 1, 1), (150, 133, 70), (16, 16, 16), (9, 70, 3)]
+    kernel_group = [(37, 29, 13), (1, 17, 1), (16, 70, 5), (70, 20, 20), (9, 7, 40), (32, 32, 32)]
+    return [
+        # tests/test_ops_cuda.py
+        *_compose_cases([(37, 29, 13), (1, 17, 1), (150, 133, 70)], three),
+        *_grouped_cases({"ops": ops_group}, three),
+        *_lowrank_cases(
+            [(15, 29, 37, 13), (1, 17, 9, 1), (300, 133, 150, 70), (6, 24, 20, 300)], three
+        ),
+        *_orth_sparsity_cases(
+            "ops", [(37, 13), (1, 1), (5, 9), (150, 70), (64, 64)], [13, 5, 1, 70, 2500], three
+        ),
+        # tests/test_kernels.py (`interp` tests)
+        *_compose_cases([(37, 29, 13), (1, 17, 1), (16, 70, 5), (70, 20, 20), (9, 7, 40)], two),
+        *_grouped_cases({"kernels": kernel_group}, two),
+        *_lowrank_cases([(15, 29, 37, 13), (1, 17, 9, 1), (40, 20, 70, 16), (6, 24, 20, 300)], two),
+        *_orth_sparsity_cases(
+            "kernels",
+            [(37, 13), (1, 1), (5, 9), (70, 40), (64, 64), (3, 1)],
+            [13, 5, 1, 2500, 3],
+            two,
+        ),
+        # the model run (tools/gpu_check.py): ResNet-20's layers at full rank, fp32
+        *_grouped_cases({"model": _full_rank(resnet_convs("resnet20"))}, fp32),
+        *_loss_cases({"model": resnet_convs("resnet20")}, fp32),
+        # tests/test_ops.py: opcheck and torch.compile on CUDA
+        *_compose_cases([(7, 5, 3)], fp32),
+        *_grouped_cases({"opcheck": [(7, 5, 3), (4, 9, 2)]}, fp32),
+        *_lowrank_cases([(6, 5, 7, 3)], fp32),
+        *_orth_sparsity_cases("opcheck", [(7, 3), (5, 3), (4, 2), (9, 2)], [3, 2], fp32),
+    ]
+
+
+def gpu_check_bench_cases() -> list[Case]:
+    """What the headline benchmarks of `make gpu-check` launch (autotuned): compose forward
+    4096³ bf16; lowrank_linear 16384×4096² r128 bf16, forward and backward; orth_loss of
+    ResNet-50's layers (fp32); the svdkern ops of a ResNet-20 training step under bf16
+    autocast (grouped compose in bf16, the losses in fp32)."""
+    bf16, fp32 = _dtypes("bf16"), _dtypes("fp32")
+    r20 = resnet_convs("resnet20")
+    return [
+        *[c for c in _compose_cases([(4096, 4096, 4096)], bf16) if "backward" not in c.label],
+        *_lowrank_cases([(16384, 4096, 4096, 128)], bf16),
+        *[
+            c
+            for c in _loss_cases({"resnet50": resnet_convs("resnet50")}, fp32)
+            if c.op == "orth_loss"
+        ],
+        *_grouped_cases({"train-resnet20": _full_rank(r20)}, bf16),
+        *_loss_cases({"train-resnet20": r20}, fp32),
+    ]
+
+
+# Case lists by name: the fixed-config ones are counted (and warmed) with SVDKERN_AUTOTUNE=0.
+CASES: dict[str, Callable[[], list[Case]]] = {
+    "gpu-check": gpu_check_cases,
+    "gpu-check-bench": gpu_check_bench_cases,
+    "gpu-test": gpu_test_cases,
+    "gpu-bench": gpu_bench_cases,
+}
+FIXED_CONFIGS = ("gpu-check", "gpu-test")
+
+
 # ---------------------------------------------------------------------------------------------
 # Recording launches (patched triton entry points)
 
@@ -417,11 +524,11 @@ class Job:
 class Recorder:
     """Patches triton so that launches record compile jobs (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, arch: int = 90) -> None:
         from triton.backends.compiler import GPUTarget
         from triton.compiler import make_backend
 
-        self.target = GPUTarget("cuda", 90, 32)
+        self.target = GPUTarget("cuda", arch, 32)
         self.backend = make_backend(self.target)
         self.jobs: dict[str, Job] = {}
         self.variants: dict[str, Variant] = {}
@@ -610,9 +717,69 @@ def compile_all(recorder: Recorder, jobs: int, cache: Path | None) -> None:
                 print(f"  compiled {done}/{len(keys)}", flush=True)
 
 
+def _warm(index: int, target) -> dict:
+    """Compile one recorded job into triton's cache, and its C launcher (needs libcuda)."""
+    import triton
+    from triton import knobs
+    from triton.compiler import ASTSource
+
+    job = _JOBS[index]
+    start = time.perf_counter()
+    out: dict = {"error": None, "launcher": True, "cache_hit": False}
+
+    def listener(**kwargs):  # triton calls it after each compile, a cache hit included
+        out["cache_hit"] = bool(kwargs.get("cache_hit"))
+
+    knobs.compilation.listener = listener
+    try:
+        kernel = triton.compile(
+            ASTSource(job.jit, job.signature, job.constexprs, job.attrs),
+            target=target,
+            options=job.options,
+        )
+        try:
+            from triton.runtime import driver
+
+            driver.active.launcher_cls(kernel.src, kernel.metadata)
+        except Exception:  # no CUDA driver here: the first launch builds it
+            out["launcher"] = False
+    except Exception as e:
+        out["error"] = f"{type(e).__name__}: {e}"[-500:]
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def warm(cases: list[Case], jobs: int, arch: int) -> dict:
+    """Compile every variant `cases` launch for cuda sm_`arch` into TRITON_CACHE_DIR (and
+    their launchers) in `jobs` processes; a later launch of the same variant on that GPU
+    is a cache hit (same triton, source, options, ptxas and cache-invalidating env vars)."""
+    start = time.perf_counter()
+    recorder = Recorder(arch)
+    failures = recorder.run_cases(cases)
+    _JOBS[:] = list(recorder.jobs.values())
+    ctx = multiprocessing.get_context("fork")
+    results = []
+    if _JOBS:
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+            target = recorder.target
+            results = list(pool.map(_warm, range(len(_JOBS)), [target] * len(_JOBS)))
+    errors = [r["error"] for r in results if r["error"]]
+    return {
+        "variants": len(_JOBS),
+        "cache_hits": sum(r["cache_hit"] for r in results),
+        "compile_errors": errors[:5],
+        "failed": len(errors),
+        "launchers_not_built": sum(not r["launcher"] for r in results if not r["error"]),
+        "compile_seconds": round(sum(r["seconds"] for r in results), 1),
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "jobs": jobs,
+        "launcher_errors": failures,
+    }
+
+
 # ---------------------------------------------------------------------------------------------
-# Counting (gpu-test runs with SVDKERN_AUTOTUNE=0, in a subprocess: the config lists are
-# built when svdkern.kernels is imported)
+# Counting (gpu-test and gpu-check's tests run with SVDKERN_AUTOTUNE=0, counted in a
+# subprocess: the config lists are built when svdkern.kernels is imported)
 
 
 def count(cases: list[Case]) -> dict:
@@ -627,10 +794,11 @@ def count(cases: list[Case]) -> dict:
     }
 
 
-def count_default_configs() -> dict:
+def count_default_configs(name: str = "gpu-test") -> dict:
+    """count() of the case list `name` at fixed configs (SVDKERN_AUTOTUNE=0, a subprocess)."""
     env = {**os.environ, "SVDKERN_AUTOTUNE": "0"}
     out = subprocess.run(
-        [sys.executable, __file__, "--count-test"],
+        [sys.executable, __file__, "--count-cases", name],
         env=env,
         capture_output=True,
         text=True,
@@ -639,8 +807,54 @@ def count_default_configs() -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def all_counts() -> dict[str, dict]:
+    """count() of every case list of CASES as its run launches it, keyed by the name without
+    its "gpu-" (check, check-bench, test, bench)."""
+    return {
+        name.removeprefix("gpu-"): (
+            count_default_configs(name) if name in FIXED_CONFIGS else count(CASES[name]())
+        )
+        for name in CASES
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # The report
+
+
+# counts key → what the count is of.
+COUNTED = {
+    "check": "`make gpu-check`, its tests (SVDKERN_AUTOTUNE=0, one config per specialization)",
+    "check-bench": "`make gpu-check`, its headline benchmarks (autotuned)",
+    "test": "`make gpu-test` (SVDKERN_AUTOTUNE=0, one config per specialization)",
+    "bench": "`make gpu-bench` (autotuned)",
+}
+# Processes gpu-check compiles each list in on a 16-core machine, beside the C++ build
+# (tools/gpu_check.py: jobs − 7 and jobs / 4).
+GPU_CHECK_JOBS = {"check": 9, "check-bench": 4}
+
+
+def compile_lines(counts: dict[str, dict]) -> list[str]:
+    """One line per counted run: compiles and their time at 1–2 s each (gpu-check compiles in
+    parallel processes, GPU_CHECK_JOBS; the others one at a time), autotune timings."""
+    lines = []
+    for key, what in COUNTED.items():
+        if key not in counts:
+            continue
+        c = counts[key]
+        lo, hi = (c["compiles"] * t for t in COMPILE_SECONDS)
+        if key in GPU_CHECK_JOBS:
+            jobs = GPU_CHECK_JOBS[key]
+            time = f"≈ {lo / jobs:.0f}–{hi / jobs:.0f} s in {jobs} processes beside the build"
+        else:
+            time = f"≈ {lo / 60:.0f}–{hi / 60:.0f} min at 1–2 s each"
+        timings = (
+            f", and {c['benchmarks']} config timings over {c['autotune_keys']} autotune keys"
+            if c.get("benchmarks")
+            else ""
+        )
+        lines.append(f"- {what}: {c['compiles']} compiles {time}{timings}.")
+    return lines
 
 
 def _kib(b: int | None) -> str:
@@ -727,15 +941,7 @@ def write_report(path: Path, variants: list[Variant], launcher_errors, counts, m
         "",
         "## Compiles of the GPU runs",
         "",
-        f"- `make gpu-test` (SVDKERN_AUTOTUNE=0, one config per specialization): "
-        f"{counts['test']['compiles']} compiles ≈ "
-        f"{counts['test']['compiles'] * COMPILE_SECONDS[0] / 60:.0f}–"
-        f"{counts['test']['compiles'] * COMPILE_SECONDS[1] / 60:.0f} min at 1–2 s each.",
-        f"- `make gpu-bench` (autotuned): {counts['bench']['compiles']} compiles ≈ "
-        f"{counts['bench']['compiles'] * COMPILE_SECONDS[0] / 60:.0f}–"
-        f"{counts['bench']['compiles'] * COMPILE_SECONDS[1] / 60:.0f} min, and "
-        f"{counts['bench']['benchmarks']} config timings over "
-        f"{counts['bench']['autotune_keys']} autotune keys.",
+        *compile_lines(counts),
         "",
         "## Per kernel",
         "",
@@ -776,16 +982,32 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--report", type=Path, help="write the Markdown table here")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
-    parser.add_argument("--count-test", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--count", action="store_true", help="print the compile counts of the GPU runs (JSON)"
+    )
+    parser.add_argument(
+        "--warm", choices=sorted(CASES), help="compile these cases into TRITON_CACHE_DIR"
+    )
+    parser.add_argument("--arch", type=int, default=90, help="--warm's target: cuda sm_ARCH")
+    parser.add_argument("--count-cases", choices=sorted(CASES), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, never interpret
+    if args.warm in FIXED_CONFIGS:
+        os.environ["SVDKERN_AUTOTUNE"] = "0"  # read when svdkern.kernels is imported
 
     import torch
     import triton
 
-    if args.count_test:  # the subprocess of count_default_configs
-        print(json.dumps(count(gpu_test_cases())))
+    if args.count_cases:  # the subprocess of count_default_configs
+        print(json.dumps(count(CASES[args.count_cases]())))
         return 0
+    if args.count:
+        print(json.dumps(all_counts()))
+        return 0
+    if args.warm:
+        result = warm(CASES[args.warm](), args.jobs, args.arch)
+        print(json.dumps(result), flush=True)
+        return 1 if result["failed"] or result["launcher_errors"] else 0
 
     from svdkern.kernels import _common
 
@@ -798,7 +1020,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     cache_dir = os.environ.get("TRITON_CACHE_DIR")
     cache = Path(cache_dir) / "kernel-check-ptxas" if cache_dir else None
-    counts = {"test": count_default_configs(), "bench": count(gpu_bench_cases())}
+    counts = all_counts()
     recorder = Recorder()
     launcher_errors = recorder.run_cases(gate_cases())
     print(
@@ -828,8 +1050,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note {_describe(v)}: {n}")
     slowest = sorted(variants, key=lambda v: -v.seconds)[:5]
     print("slowest compiles: " + ", ".join(f"{_describe(v)} {v.seconds:.0f} s" for v in slowest))
-    for name, c in counts.items():
-        print(f"make gpu-{name}: {c['compiles']} compiles, {c['benchmarks']} autotune timings")
+    for line in compile_lines(counts):
+        print(line.removeprefix("- "))
     print(
         f"kernel_check: {len(variants)} variants, {len(failing)} failing, "
         f"{len(launcher_errors)} launcher errors, {time.perf_counter() - start:.0f} s"
@@ -839,7 +1061,8 @@ def main(argv: list[str] | None = None) -> int:
     missing = sorted(set(EXPECTED_KERNELS) - {v.kernel for v in variants})
     if missing:
         print(f"FAIL kernel_check: no variant recorded for {', '.join(missing)}")
-    return 1 if failing or missing or launcher_errors or counts["test"]["launcher_errors"] else 0
+    counted_errors = any(c["launcher_errors"] for c in counts.values())
+    return 1 if failing or missing or launcher_errors or counted_errors else 0
 
 
 if __name__ == "__main__":
