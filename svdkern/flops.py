@@ -4,7 +4,7 @@ and where the rest of its MACs go.
 Convention (the same for all three forms, and the one `svdkern.prune(target_flops=...)`
 aims at):
 
-- Only the layers in `svdkern.layers.COUNTED` are counted: nn.Linear, nn.Conv1d,
+- Only the layers in `svdkern.trace.COUNTED` are counted: nn.Linear, nn.Conv1d,
   nn.Conv2d, transformers' Conv1D, the in-projection of nn.MultiheadAttention (its
   out_proj is an nn.Linear) and the SVD layers (the layers whose matmuls dominate and that
   a rank cut changes). Biases add no MACs.
@@ -15,23 +15,25 @@ aims at):
     SVD form:         its low-rank chain, summed per part (Linear: rows·r·(in + out);
                       channel conv: N·∏out·r·(c_in·∏k + c_out); spatial conv:
                       N·H_out·W_in·r·c_in·kh + N·H_out·W_out·r·c_out·kw);
-    compressed form:  the cheaper of the two, as `svdkern.compress(policy="flops")` builds it.
+    compressed form:  the cheaper of the two, as `svdkern.compress(policy="flops")` builds it
+                      (one rule, `svdkern.costs.LayerCost.lowrank`).
   The compose path of `forward` (used in training when it is cheaper) is not counted:
   the numbers describe inference of the deployed model.
 - A layer whose weight its parent reads instead of calling it (`F.linear(x,
   self.qkv.weight)`, or nn.TransformerEncoderLayer's fast path reading its children's
-  weights; see `svdkern.layers.weight_reads`, the one list `decompose`, `compress` and
+  weights; see `svdkern.trace.weight_reads`, the one list `decompose`, `compress` and
   `prune` use too) costs its dense MACs in all three forms: those of the ops its weight
   flows into, measured, plus those of its own calls in the counted forward. Its parent
   multiplies by the full weight whatever the rank, and `compress` keeps it dense.
 - Counts are for the whole example input, batch included (pass batch 1 for per-sample).
 - FLOPs = 2·MACs.
 
-With an example input (input_shape, or example_inputs and example_kwargs) the report also
+With an example input (input_shape, or example_inputs and example_kwargs, or an `Example`:
+`svdkern.examples`) the report also
 gives the model's total as torch.utils.flop_counter.FlopCounterMode counts it for that same
 forward (FLOPs / 2; run in eval mode, without gradients, SVD layers as their chains, the
 MultiheadAttention fast path off, with the FLOP formulas svdkern registers for its own
-ops and `svdkern.layers.FLOP_FORMULAS` for the CPU attention kernel) and
+ops and `svdkern.trace.FLOP_FORMULAS` for the CPU attention kernel) and
 splits it: counted layers (= `svd_macs`), of which layers read through .weight,
 attention matmuls (activation × activation: QKᵀ, AV, sdpa), and other ops (layers svdkern
 does not count, by op). Embeddings, norms, activations and pooling have no MACs in
@@ -56,19 +58,10 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from svdkern.layers import (
-    MacTrace,
-    dense_macs,
-    dense_params,
-    dense_weight_shape,
-    format_table,
-    layer_inputs,
-    layer_kind,
-    lowrank_is_cheaper,
-    svd_costs,
-    trace_macs,
-)
+from svdkern.costs import CostModel, LayerCost, dense_params, dense_weight_shape, layer_kind
+from svdkern.examples import Example
 from svdkern.nn import SVDLayer
+from svdkern.tables import format_table
 
 __all__ = ["FlopsReport", "LayerFlops", "flops", "macs_at"]
 
@@ -78,7 +71,8 @@ class LayerFlops:
     """One counted layer: dense weight shape, rank (None if dense) and its three costs.
 
     `weight_read` is True for a layer whose weight its parent reads (its MACs are the
-    measured ones of the ops its weight flows into, the same in all three forms).
+    measured ones of the ops its weight flows into, the same in all three forms), or that
+    `decompose` found read (`SVDLayer.weight_read`): compressed, it stays dense.
     """
 
     name: str
@@ -214,18 +208,20 @@ def flops(
     *,
     example_inputs=None,
     example_kwargs: Mapping | None = None,
+    example: Example | None = None,
 ) -> FlopsReport:
     """Params and MACs of `model` as it is (SVD), as dense layers, and compressed, and its
     total MACs as FlopCounterMode counts them for the example forward, split by category.
 
     Args:
-        model: any module; the layers of `svdkern.layers.COUNTED` are counted.
+        model: any module; the layers of `svdkern.trace.COUNTED` are counted.
         input_shape: shape of the input tensor given to `model`, batch included (a zero
             float tensor in the model's dtype is used).
         example_inputs: instead of input_shape, the forward's positional arguments: a
             tensor or a tuple (any dtype, e.g. int64 token ids).
         example_kwargs: the forward's keyword arguments (e.g. {"attention_mask": m}).
-        With none of the three, each Linear-like layer counts one row (convs raise) and no
+        example: instead of the three, an `svdkern.Example` of them.
+        With none of them, each Linear-like layer counts one row (convs raise) and no
         forward runs.
     Returns:
         FlopsReport with totals (`dense_*`, `svd_*`, `compressed_*`), `ratio`
@@ -242,37 +238,29 @@ def flops(
         report = svdkern.flops(gpt, example_inputs=(ids,))
         print(report)            # ... and the FlopCounterMode total, attention, other
     """
-    trace: MacTrace | None = None
-    if input_shape is None and example_inputs is None and example_kwargs is None:
-        shapes = layer_inputs(model)
-    else:
-        trace = trace_macs(
-            model, input_shape, example_inputs=example_inputs, example_kwargs=example_kwargs
-        )
-        shapes = trace.shapes
-    # Layers read through .weight or .bias: dense in every form (MACs measured; 0 for a
-    # read of an attribute such as .weight.dtype that no op follows).
-    reads = {} if trace is None else {n: trace.weight_reads.get(n, 0) for n in trace.reasons}
-    # Products of a layer's weights alone (the compose of an SVD layer's W for such a read):
-    # a cost of the SVD form only.
-    weight_ops = {} if trace is None else trace.weight_ops
-    modules = dict(model.named_modules())
+    example = Example.of(input_shape, example_inputs, example_kwargs, example)
+    if example is not None:
+        example = example.single("flops")
+    costs = CostModel.from_model(model, example)
     params = sum(p.numel() for p in model.parameters())
-    shape = None if input_shape is None else tuple(input_shape)
+    shape = None if example is None else example.input_shape
     report = FlopsReport(shape, params, params, params, 0, 0, 0)
-    for name, calls in shapes.items():
-        layer = _layer_flops(name, modules[name], calls, reads.get(name), weight_ops.get(name, 0))
+    for cost in costs.layers.values():
+        layer = _layer_flops(cost)
         report.dense_params += layer.dense_params - layer.svd_params
         report.compressed_params += layer.compressed_params - layer.svd_params
         report.dense_macs += layer.dense_macs
         report.svd_macs += layer.svd_macs
         report.compressed_macs += layer.compressed_macs
         report.layers.append(layer)
+    trace = costs.trace
     if trace is not None:
+        # Layers read through .weight or .bias: dense in every form (MACs measured; 0 for a
+        # read of an attribute such as .weight.dtype that no op follows), and the products
+        # of their weights alone (an SVD layer's compose of W for the read).
+        reads = [cost for cost in costs.layers.values() if cost.read is not None]
         report.total_macs = trace.total
-        report.weight_read_macs = sum(reads.values()) + sum(
-            weight_ops.get(name, 0) for name in reads
-        )
+        report.weight_read_macs = sum(cost.read + cost.weight_ops for cost in reads)
         report.attention_macs = trace.attention
         report.other_macs = dict(sorted(trace.other.items(), key=lambda kv: -kv[1]))
         report.weight_reads = dict(trace.reasons)
@@ -281,69 +269,35 @@ def flops(
 
 def macs_at(model: nn.Module, shapes: Mapping[str, list[tuple[int, ...]]]) -> tuple[int, int]:
     """(compressed MACs, dense MACs) of the counted layers of `model` called at `shapes`
-    ({qualified name: input shapes of its calls}, as `svdkern.layers.layer_inputs` records
-    them), at the layers' current ranks. Runs no forward: the shapes of a rank-cut model do
-    not change, so a training loop records them once and counts every cut with them."""
-    modules = dict(model.named_modules())
-    layers = [_layer_flops(name, modules[name], calls, None) for name, calls in shapes.items()]
-    return sum(lay.compressed_macs for lay in layers), sum(lay.dense_macs for lay in layers)
+    ({qualified name: input shapes of its calls}, as `svdkern.trace.layer_inputs` records
+    them), at the layers' current ranks (`svdkern.costs.CostModel`). Runs no forward: the
+    shapes of a rank-cut model do not change, so a training loop records them once and
+    counts every cut with them."""
+    costs = CostModel(model, shapes)
+    return costs.compressed(), costs.dense()
 
 
-def _layer_flops(
-    name: str,
-    module: nn.Module,
-    calls: list[tuple[int, ...]],
-    read: int | None,
-    weight_ops: int = 0,
-) -> LayerFlops:
-    """Costs of one counted layer; `read`: measured MACs of its weight read by its parent
-    (None if not read), dense in every form since the parent multiplies by the full W;
-    `weight_ops`: measured MACs of products of its weights alone (an SVD layer's compose
-    for that read: its SVD form only; a dense layer's: every form)."""
-    if isinstance(module, SVDLayer):
-        dense, chain = svd_costs(module, calls)
-        lowrank = read is None and lowrank_is_cheaper(module, calls)
-        factor_params = module.rank * (module._m + module._n)
-        weight_params = module._m * module._n
-        svd_params = factor_params + module.rank
-        compressed = (
-            (chain, factor_params, "lowrank") if lowrank else (dense, weight_params, "dense")
-        )
-        if read is not None:
-            dense, chain = dense + read, chain + read
-            compressed = (dense, weight_params, "dense")
-        chain += weight_ops
-        return LayerFlops(
-            name,
-            layer_kind(module),
-            dense_weight_shape(module),
-            module.rank,
-            module.full_rank,
-            len(calls),
-            dense,
-            chain,
-            compressed[0],
-            weight_params,
-            svd_params,
-            compressed[1],
-            compressed[2],
-            read is not None,
-        )
-    macs = sum(dense_macs(module, shape) for shape in calls) + (read or 0) + weight_ops
-    n_weight = dense_params(module)
+def _layer_flops(cost: LayerCost) -> LayerFlops:
+    """The row of one counted layer: its three costs and weight counts."""
+    module = cost.module
+    row = (cost.name, layer_kind(module), dense_weight_shape(module))
+    macs = (cost.dense(), cost.svd(), cost.compressed())
+    if not isinstance(module, SVDLayer):
+        n_weight = dense_params(module)
+        rest = (n_weight, n_weight, n_weight, "dense", cost.weight_read)
+        return LayerFlops(*row, None, None, len(cost.calls), *macs, *rest)
+    m, n = module.matrix_shape
+    factor_params = module.rank * (m + n)
+    lowrank = cost.lowrank()
     return LayerFlops(
-        name,
-        layer_kind(module),
-        dense_weight_shape(module),
-        None,
-        None,
-        len(calls),
-        macs,
-        macs,
-        macs,
-        n_weight,
-        n_weight,
-        n_weight,
-        "dense",
-        read is not None,
+        *row,
+        module.rank,
+        module.full_rank,
+        len(cost.calls),
+        *macs,
+        m * n,
+        factor_params + module.rank,
+        factor_params if lowrank else m * n,
+        "lowrank" if lowrank else "dense",
+        cost.weight_read,
     )

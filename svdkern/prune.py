@@ -22,18 +22,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from svdkern.layers import (
-    dense_macs,
-    dense_weight_shape,
-    format_table,
-    layer_inputs,
-    svd_costs,
-    svd_layers,
-    trace_macs,
-    uncompiled,
-    uncompiled_name,
-)
-from svdkern.nn import SVDLayer
+from svdkern.compiled import uncompiled, uncompiled_name
+from svdkern.costs import CostModel, dense_weight_shape
+from svdkern.examples import Example
+from svdkern.nn import SVDLayer, svd_layers
+from svdkern.tables import format_table
+from svdkern.trace import UncountedError
 
 __all__ = ["LayerPrune", "PruneReport", "prune"]
 
@@ -162,55 +156,6 @@ def _check_args(energy, target_flops, multiple_of, ranks, min_rank) -> None:
         raise ValueError(f"multiple_of must be a positive int or None, got {multiple_of!r}")
 
 
-class _Costs:
-    """MACs of the model's counted layers as a function of the SVD layers' ranks.
-
-    `reads`: measured MACs of the layers read through .weight (see
-    `svdkern.layers.weight_reads`): their parent multiplies by the full W whatever the
-    rank, and `compress` keeps them dense, so they are a fixed cost.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        shapes: dict[str, list[tuple[int, ...]]],
-        reads: Mapping[str, int] | None = None,
-    ) -> None:
-        modules = dict(model.named_modules())
-        reads = dict(reads or {})
-        self.fixed = 0
-        self.dense = 0
-        self.svd: dict[str, tuple[int, int]] = {}
-        self.kept_dense: dict[str, int] = {}
-        for name, calls in shapes.items():
-            module = modules[name]
-            if isinstance(module, SVDLayer) and name not in reads:
-                dense, chain = svd_costs(module, calls, rank=1)
-                self.svd[name] = (dense, chain)
-                self.dense += dense
-                continue
-            if isinstance(module, SVDLayer):
-                macs = svd_costs(module, calls)[0] + reads[name]
-                self.kept_dense[name] = macs
-            else:
-                macs = sum(dense_macs(module, shape) for shape in calls) + reads.get(name, 0)
-            self.fixed += macs
-            self.dense += macs
-
-    def layer(self, name: str, rank: int) -> int | None:
-        if name in self.kept_dense:
-            return self.kept_dense[name]
-        if name not in self.svd:
-            return None
-        dense, chain_per_rank = self.svd[name]
-        return min(dense, chain_per_rank * rank)
-
-    def total(self, ranks: dict[str, int]) -> int:
-        return self.fixed + sum(
-            self.layer(name, r) or 0 for name, r in ranks.items() if name in self.svd
-        )
-
-
 def _check_ranks(ranks, caps: dict[str, int]) -> dict[str, int]:
     """{layer: rank} for every SVD layer from {name or glob: k}: an exact name must give a
     k in [1, rank]; a glob (fnmatch over qualified names) gives k capped at each matched
@@ -256,6 +201,7 @@ def prune(
     input_shape: Sequence[int] | None = None,
     example_inputs=None,
     example_kwargs: Mapping | None = None,
+    example: Example | None = None,
     min_rank: int | None = None,
     multiple_of: int | None = None,
     optimizer: torch.optim.Optimizer | None = None,
@@ -285,7 +231,8 @@ def prune(
             Without it or example inputs, Linear layers count one row.
         example_inputs: instead of input_shape, the forward's positional arguments (a
             tensor or a tuple, any dtype, e.g. token ids); example_kwargs: its keyword
-            arguments. They also reveal the layers read through .weight.
+            arguments; example: an `svdkern.Example` instead of the three. They also
+            reveal the layers read through .weight (`svdkern.costs`).
         min_rank: floor of every rank energy / target_flops choose (capped at the layer's
             current rank).
         multiple_of: round every kept rank up to a multiple of this (capped at the
@@ -316,6 +263,7 @@ def prune(
         svdkern.prune(model, ranks={"layers.0.0.conv1": 8, "layers.2.*": 16}, optimizer=opt)
     """
     _check_args(energy, target_flops, multiple_of, ranks, min_rank)
+    example = Example.of(input_shape, example_inputs, example_kwargs, example)
     if uncompiled(model) is not model:
         model = uncompiled(model)
         if isinstance(ranks, Mapping):
@@ -333,16 +281,16 @@ def prune(
             return given
         return {name: _rank_for(cums[name], eps, multiple_of, caps[name], floor) for name in cums}
 
-    costs = _costs(model, input_shape, example_inputs, example_kwargs, target_flops)
+    costs = _costs(model, example, target_flops)
     if target_flops is not None:
         energy = _search_energy(costs, ranks_at, target_flops)
     kept_ranks = ranks_at(energy)
     energy = None if energy is None else float(energy)
     report = PruneReport(energy, target_flops, multiple_of, None, None, None)
     if costs is not None:
-        report.dense_macs = costs.dense
-        report.macs_before = costs.total(caps)
-        report.macs_after = costs.total(kept_ranks)
+        report.dense_macs = costs.dense()
+        report.macs_before = costs.compressed(caps)
+        report.macs_after = costs.compressed(kept_ranks)
     for name, layer in layers:
         cum = cums[name]
         k = kept_ranks[name]
@@ -350,7 +298,8 @@ def prune(
         kept = float(cum[k - 1]) / total if total > 0 and k < layer.rank else 1.0
         before = after = None
         if costs is not None:
-            before, after = costs.layer(name, caps[name]), costs.layer(name, k)
+            cost = costs.layers[name]
+            before, after = cost.compressed(caps[name]), cost.compressed(k)
         report.layers.append(
             LayerPrune(
                 name,
@@ -386,40 +335,35 @@ def _check_finite(layers: list[tuple[str, SVDLayer]]) -> None:
         )
 
 
-def _costs(model, input_shape, example_inputs, example_kwargs, target_flops) -> _Costs | None:
-    """The cost model from one example forward (or one row per Linear without one); None
-    when convs cannot be counted without an input and no target needs them."""
-    if input_shape is None and example_inputs is None and example_kwargs is None:
-        try:
-            return _Costs(model, layer_inputs(model))
-        except ValueError:
-            if target_flops is not None:
-                raise
-            return None
-    trace = trace_macs(
-        model, input_shape, example_inputs=example_inputs, example_kwargs=example_kwargs
-    )
-    reads = {name: trace.weight_reads.get(name, 0) for name in trace.reasons}
-    return _Costs(model, trace.shapes, reads)
+def _costs(model: nn.Module, example: Example | None, target_flops) -> CostModel | None:
+    """The cost model of one example forward (or one row per Linear without one); None
+    when convs cannot be counted without an example and no target needs them."""
+    if example is not None:
+        example = example.single("prune")
+    costs = CostModel.from_model(model, example)
+    if costs.uncounted and target_flops is not None:
+        raise UncountedError(costs.uncounted[0])
+    return None if costs.uncounted else costs
 
 
-def _search_energy(costs: _Costs, ranks_at, target_flops: float) -> float:
+def _search_energy(costs: CostModel, ranks_at, target_flops: float) -> float:
     """Smallest ε in [0, 1) with total MACs at ε ≤ target_flops · dense MACs (bisection)."""
-    budget = target_flops * costs.dense
-    if costs.total(ranks_at(0.0)) <= budget:
+    dense = costs.dense()
+    budget = target_flops * dense
+    if costs.compressed(ranks_at(0.0)) <= budget:
         return 0.0
     hi = math.nextafter(1.0, 0.0)
-    floor = costs.total(ranks_at(hi))
+    floor = costs.compressed(ranks_at(hi))
     if floor > budget:
         raise ValueError(
             f"target_flops={target_flops} cannot be reached: at the lowest ranks allowed "
-            f"the model keeps {floor / costs.dense:.2%} of the dense MACs (layers left dense, "
+            f"the model keeps {floor / dense:.2%} of the dense MACs (layers left dense, "
             "layers read through .weight, min_rank and multiple_of count too)"
         )
     lo = 0.0
     for _ in range(_BISECTION_STEPS):
         mid = (lo + hi) / 2
-        if costs.total(ranks_at(mid)) <= budget:
+        if costs.compressed(ranks_at(mid)) <= budget:
             hi = mid
         else:
             lo = mid

@@ -36,12 +36,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from svdkern.convert import compress as _compress
+from svdkern.compress import compress as _compress
+from svdkern.examples import Example
 from svdkern.flops import macs_at
-from svdkern.layers import layer_inputs
 from svdkern.nn import SVDLayer, svd_layers
 from svdkern.prune import prune
 from svdkern.regularize import SVDRegularizer
+from svdkern.trace import layer_inputs
 from svdkern.tune import set_memory_format, tune_forms
 
 __all__ = ["Cut", "SVDTraining"]
@@ -152,19 +153,6 @@ def _positive_int_or_none(name: str, value) -> int | None:
     return value
 
 
-def _as_args(example_inputs) -> tuple | None:
-    if example_inputs is None:
-        return None
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise TypeError(
-        "example_inputs must be a tensor or a tuple of the forward's positional arguments, "
-        f"got {type(example_inputs).__name__}"
-    )
-
-
 class SVDTraining:
     """Rank-adaptive SVD training as an object that works in any training loop.
 
@@ -188,10 +176,11 @@ class SVDTraining:
             last optimizer steps train the final ranks); None: no limit.
         multiple_of, min_rank: round kept ranks up to a multiple of this / floor them
             (as in `svdkern.prune`).
-        example_inputs, example_kwargs: one example of the forward's arguments (batch 1 is
-            enough); the layers' input shapes are recorded from it once, to count each
-            cut's MACs, and `compress()` uses it. Without it, Linear-like layers count one
-            row and convs are not counted.
+        example_inputs, example_kwargs, example: one example of the forward (its
+            arguments, or a `svdkern.Example`; batch 1 is enough); the layers' input
+            shapes are recorded from it once, to count each cut's MACs, and `compress()`
+            uses it. Without it, Linear-like layers count one row and convs are not
+            counted.
         tune_forms: time each SVD layer's forms (compose vs low-rank chain) on
             `tune_inputs` (a training batch) after every cut and in `tune()`, and run the
             faster (`svdkern.tune_forms`).
@@ -221,6 +210,7 @@ class SVDTraining:
         min_rank: int | None = None,
         example_inputs=None,
         example_kwargs: Mapping | None = None,
+        example: Example | None = None,
         tune_forms: bool = False,
         tune_inputs=None,
         process_group=None,
@@ -255,11 +245,12 @@ class SVDTraining:
         self.cut_energy = float(cut_energy)
         self.multiple_of = _positive_int_or_none("multiple_of", multiple_of)
         self.min_rank = _positive_int_or_none("min_rank", min_rank)
-        self.example_args = _as_args(example_inputs)
-        self.example_kwargs = dict(example_kwargs or {})
+        self.example = Example.of(
+            example_inputs=example_inputs, example_kwargs=example_kwargs, example=example
+        )
         self.tune_forms = bool(tune_forms)
-        self.tune_args = _as_args(tune_inputs)
-        if self.tune_forms and self.tune_args is None:
+        self.tune_example = Example.of(example_inputs=tune_inputs)
+        if self.tune_forms and self.tune_example is None:
             raise ValueError(
                 "tune_forms=True needs tune_inputs: a batch as training sees it (the forms "
                 "are timed at its shapes)"
@@ -337,15 +328,8 @@ class SVDTraining:
     def _macs(self) -> tuple[int, int] | tuple[None, None]:
         if self._shapes is None:
             try:
-                if self.example_args is None and not self.example_kwargs:
-                    self._shapes = layer_inputs(self.model)
-                else:
-                    self._shapes = layer_inputs(
-                        self.model,
-                        example_inputs=self.example_args,
-                        example_kwargs=self.example_kwargs or None,
-                    )
-            except ValueError:
+                self._shapes = layer_inputs(self.model, self.example)
+            except ValueError:  # convs without an example: not counted
                 return None, None
         return macs_at(self.model, self._shapes)
 
@@ -355,7 +339,7 @@ class SVDTraining:
         """Time and fix every SVD layer's forms on `tune_inputs` (process 0's choice
         applied everywhere); returns and records what was chosen."""
         report = tune_forms(
-            self.model, self.tune_args, training=True, repeats=3, memory_format="auto"
+            self.model, example=self.tune_example, training=True, repeats=3, memory_format="auto"
         )
         forms = {name: layer.forms for name, layer in svd_layers(self.model)}
         forms, memory_format = self._from_first([forms, report.memory_format])
@@ -394,11 +378,10 @@ class SVDTraining:
 
     def compress(self, policy: str = "flops", **kwargs) -> nn.Module:
         """The deployable model (`svdkern.compress(model, policy, ...)`), counted or timed at
-        the example inputs unless `kwargs` give others."""
-        if self.example_args is not None and not {"input_shape", "example_inputs"} & set(kwargs):
-            kwargs["example_inputs"] = self.example_args
-            if self.example_kwargs:
-                kwargs.setdefault("example_kwargs", self.example_kwargs)
+        the example inputs unless `kwargs` give another example."""
+        keys = {"input_shape", "example_inputs", "example_kwargs", "example"}
+        if self.example is not None and not keys & set(kwargs):
+            kwargs["example"] = self.example
         return _compress(self.model, policy, **kwargs)
 
     # -- checkpoints ------------------------------------------------------------------

@@ -26,8 +26,15 @@ tuned under NCHW and under channels-last (each on a copy of the model), a whole 
 is timed in each layout, and the model's layout changes (`set_memory_format`) only when
 the other one is ≥ 5% faster. A model whose forward fails channels-last (a `.view()` of a
 conv output) keeps NCHW, and the report says why. `time_models` times whole models the
-same interleaved way (used by `compress`). Both leave the torch random number generators
-as they found them.
+same interleaved way. Both leave the torch random number generators as they found them.
+
+Policy "latency" of `svdkern.compress` is decided here too: `lowrank_faster` (the layers
+whose low-rank pair is faster, timed alone at every example) and `fastest_not_slower` (the
+whole candidate model to deploy, timed against the all-dense one).
+
+The example inputs are taken as every verb takes them (`svdkern.examples`): a batch
+(`example_inputs`, `example_kwargs`), an `input_shape` (a random batch of it), or an
+`Example`.
 
 Example::
 
@@ -44,19 +51,23 @@ import copy
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
-from svdkern.layers import format_table
+from svdkern.examples import Example
 from svdkern.nn import SVDLayer, svd_layers
+from svdkern.tables import format_table
 
 __all__ = [
     "LayerForm",
     "TuneReport",
     "clear_tune_cache",
+    "fastest_not_slower",
+    "lowrank_faster",
+    "memory_format_of",
     "set_memory_format",
     "time_models",
     "tune_forms",
@@ -69,6 +80,13 @@ _MAX_CALLS = 64
 # For inference the low-rank pair replaces the dense layer only when it is at least this
 # much faster: a deployed model must not get slower by timing noise.
 _DEPLOY_MARGIN = 0.05
+# Policy "latency" compares whole models: a candidate within this fraction of the all-dense
+# model's time at an input counts as not slower there. Identical models measure up to ~3%
+# apart in one interleaved timing (the deploy benchmark's dense-copy rows), so a stricter
+# rule rejects, by noise alone, a model that ties at batch 1 and is 17% faster at 256.
+_TIE = 0.02
+# Each timed round of a whole model lasts at least this long (a few calls at batch 1).
+_MODEL_ROUND_S = 0.02
 
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -157,26 +175,6 @@ class TuneReport:
 def clear_tune_cache() -> None:
     """Forget every measured form (e.g. after the machine's load changed)."""
     _CACHE.clear()
-
-
-def _as_args(example_inputs) -> tuple:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    raise TypeError(
-        "example_inputs must be a tensor or a tuple of the model's positional arguments "
-        f"(it is called as model(*example_inputs)), got {type(example_inputs).__name__}"
-    )
-
-
-def _as_kwargs(example_kwargs) -> dict:
-    if example_kwargs is not None and not isinstance(example_kwargs, dict):
-        raise TypeError(
-            f"example_kwargs must be a dict of keyword arguments, got "
-            f"{type(example_kwargs).__name__}"
-        )
-    return dict(example_kwargs or {})
 
 
 @contextlib.contextmanager
@@ -374,7 +372,9 @@ def set_memory_format(
     memory_format: str,
     example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
     *,
-    example_kwargs: dict | None = None,
+    example_kwargs: Mapping | None = None,
+    input_shape: Sequence[int] | None = None,
+    example: Example | None = None,
 ) -> nn.Module:
     """Run `model`'s image activations in `memory_format`: "channels_last" (NHWC) or
     "contiguous" (NCHW, PyTorch's default).
@@ -393,8 +393,10 @@ def set_memory_format(
         example_inputs: optional, a batch as in `tune_forms` (`model(*example_inputs,
             **example_kwargs)`): an eval, no-grad forward on a copy of `model` in
             `memory_format` must run, else ValueError and `model` is left unchanged.
-            Without it nothing is checked.
+            Without an example nothing is checked.
         example_kwargs: keyword arguments of that forward.
+        input_shape, example: the example as a zero batch of that shape, or as an
+            `svdkern.Example` (instead of example_inputs and example_kwargs).
 
     Example::
 
@@ -404,9 +406,8 @@ def set_memory_format(
         raise ValueError(
             f"memory_format must be one of {tuple(MEMORY_FORMATS)}, got {memory_format!r}"
         )
-    kwargs = _as_kwargs(example_kwargs)
-    if example_inputs is not None:
-        args = _as_args(example_inputs)
+    example = Example.of(input_shape, example_inputs, example_kwargs, example)
+    for args, kwargs in [] if example is None else example.calls(model):
         twin = set_memory_format(copy.deepcopy(model), memory_format)
         try:
             _record_inputs(twin, args, kwargs, training=False)
@@ -494,7 +495,7 @@ def _tune_layers(
         device = layer.U.device
         key = (
             type(layer).__name__,
-            layer._geometry(),
+            layer.geometry,
             layer.rank,
             shape,
             input_grad and training,
@@ -568,13 +569,15 @@ def time_models(
 
 def tune_forms(
     model: nn.Module,
-    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
     *,
     training: bool = True,
     repeats: int = 5,
     use_cache: bool = True,
     memory_format: str | None = None,
-    example_kwargs: dict | None = None,
+    example_kwargs: Mapping | None = None,
+    input_shape: Sequence[int] | None = None,
+    example: Example | None = None,
 ) -> TuneReport:
     """Time every SVD layer's forms on the model's device and fix the fastest in each layer.
 
@@ -595,6 +598,8 @@ def tune_forms(
             count.
         example_kwargs: keyword arguments of that forward (`model(*example_inputs,
             **example_kwargs)`).
+        input_shape: instead of example_inputs, the shape of the batch (a random float
+            batch in the model's dtype is timed); example: an `svdkern.Example` instead.
         memory_format: None leaves the model's layout alone; "contiguous" or
             "channels_last" sets it (`set_memory_format`, checked on example_inputs:
             ValueError if the forward fails in it); "auto" (image inputs only) tunes the
@@ -619,8 +624,13 @@ def tune_forms(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
-    args = _as_args(example_inputs)
-    kwargs = _as_kwargs(example_kwargs)
+    example = Example.of(input_shape, example_inputs, example_kwargs, example)
+    if example is None:
+        raise ValueError(
+            "tune_forms times every layer at the input it gets: pass example_inputs (a batch "
+            "as training or inference sees it, plus example_kwargs) or input_shape"
+        )
+    example = example.single("tune_forms")
     if not svd_layers(model):
         raise ValueError(
             "model has no SVD layers to tune; decompose it first (svdkern.decompose(model))"
@@ -632,9 +642,10 @@ def tune_forms(
         )
     start = time.perf_counter()
     report = TuneReport(bool(training), 0.0)
-    images = any(isinstance(a, torch.Tensor) and a.dim() == 4 for a in args)
-    tensors = [*model.parameters(), *model.buffers(), *args, *kwargs.values()]
+    tensors = [*model.parameters(), *model.buffers(), *example.args, *example.kwargs.values()]
     with _rng_kept(tensors):
+        ((args, kwargs),) = example.calls(model, fill=torch.randn)
+        images = any(isinstance(a, torch.Tensor) and a.dim() == 4 for a in args)
         if memory_format in MEMORY_FORMATS:
             set_memory_format(model, memory_format, args, example_kwargs=kwargs)
         elif memory_format == "auto" and images:
@@ -654,3 +665,44 @@ def tune_forms(
         _tune_layers(model, calls, training, repeats, use_cache, report)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def lowrank_faster(model: nn.Module, examples: Sequence[tuple[tuple, dict]]) -> dict[str, bool]:
+    """{layer name: deploy the low-rank pair?} of every SVD layer of `model` from its forward
+    times (`tune_forms` with training=False) at every example (args, kwargs): the pair only
+    where it is ≥ 5% faster than the dense layer at all of them."""
+    lowrank: dict[str, bool] = {}
+    for args, kwargs in examples:
+        report = tune_forms(model, args, training=False, example_kwargs=kwargs)
+        for lay in report.layers:
+            lowrank[lay.name] = lowrank.get(lay.name, True) and lay.form == "lowrank"
+    return lowrank
+
+
+def fastest_not_slower(
+    candidates: dict[str, nn.Module], examples: Sequence[tuple[tuple, dict]]
+) -> str:
+    """The name of the candidate with the lowest mean time ratio to `candidates["dense"]`
+    among those no slower than it at any example (within 2%, the resolution of one timing;
+    the dense one itself qualifies), timed interleaved (`time_models`). The winner is timed
+    once more against dense and kept only if that confirms it: the fastest of several noisy
+    timings is biased fast (its own noise helped it win), and a fresh timing has no such
+    bias."""
+    best = _fastest(time_models(candidates, examples, round_s=_MODEL_ROUND_S))
+    if best != "dense":
+        pair = {best: candidates[best], "dense": candidates["dense"]}
+        best = _fastest(time_models(pair, examples, round_s=_MODEL_ROUND_S))
+    return best
+
+
+def _fastest(times: dict[str, list[float]]) -> str:
+    """The name with the lowest mean ratio to times["dense"] below 1, nowhere above
+    1 + _TIE ("dense" when none is)."""
+    dense = times["dense"]
+    best, best_mean = "dense", 1.0
+    for name, ms in times.items():
+        ratios = [t / d for t, d in zip(ms, dense, strict=True)]
+        mean = sum(ratios) / len(ratios)
+        if max(ratios) <= 1.0 + _TIE and mean < best_mean:
+            best, best_mean = name, mean
+    return best

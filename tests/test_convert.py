@@ -431,9 +431,10 @@ def _rank_over_full(state: dict, model: nn.Module) -> str:
     prefix = _last_svd_prefix(model)
     layer = svdkern.nn.svd_layers(model)[-1][1]
     r = layer.full_rank + 1
-    state[prefix + "U"] = torch.zeros(layer._m, r)
+    m, n = layer.matrix_shape
+    state[prefix + "U"] = torch.zeros(m, r)
     state[prefix + "s"] = torch.ones(r)
-    state[prefix + "V"] = torch.zeros(layer._n, r)
+    state[prefix + "V"] = torch.zeros(n, r)
     return prefix + "s"
 
 

@@ -17,14 +17,9 @@ from torch.utils.flop_counter import FlopCounterMode
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)
     import svdkern
-from svdkern.layers import (
-    FLOP_FORMULAS,
-    _cpu_sdpa_flop,
-    example_call,
-    layer_inputs,
-    weight_reads,
-)
+from svdkern.examples import Example, example_call
 from svdkern.nn import SVDLinear
+from svdkern.trace import FLOP_FORMULAS, _cpu_sdpa_flop, layer_inputs, weight_reads
 
 
 def _cnn() -> nn.Module:
@@ -312,11 +307,11 @@ def test_svd_layer_read_through_weight_costs_its_dense_macs_at_any_rank():
 
 def test_weight_reads_names_only_layers_used_outside_their_forward():
     x = torch.randn(B, L, 24)
-    reads = weight_reads(_SwinPattern(), (x,), {})
+    reads = weight_reads(_SwinPattern(), Example(example_inputs=x))
     assert list(reads) == ["qkv"] and "own forward does not run" in reads["qkv"]
     # nn.MultiheadAttention reads its out_proj.weight itself: not a weight read
     ids, mask = _ids()
-    assert weight_reads(_TokenModel(VOCAB, DIM, HEADS), (ids, mask), {}) == {}
+    assert weight_reads(_TokenModel(VOCAB, DIM, HEADS), Example(example_inputs=(ids, mask))) == {}
 
 
 def test_flops_of_conv1d_and_svd_conv1d_match_flop_counter():
@@ -373,10 +368,10 @@ def test_flops_errors_name_the_argument(kwargs, error, match):
 def test_layer_inputs_take_example_inputs_and_keep_the_input_shape_path():
     model = _TokenModel(VOCAB, DIM, HEADS)
     ids, mask = _ids()
-    shapes = layer_inputs(model, example_inputs=ids, example_kwargs={"mask": mask})
+    shapes = layer_inputs(model, Example(example_inputs=ids, example_kwargs={"mask": mask}))
     assert shapes["mha"] == [(B, L, DIM)] * 3 and shapes["mha.out_proj"] == [(B, L, DIM)]
     assert shapes["conv"] == [(B, DIM, L)] and shapes["attn.q"] == [(B, L, DIM)]
-    assert layer_inputs(_cnn(), INPUT)["0"] == [INPUT]
+    assert layer_inputs(_cnn(), Example(INPUT))["0"] == [INPUT]
     args, kwargs = example_call(model, example_kwargs={"ids": ids})
     assert args == () and kwargs["ids"] is ids
 
@@ -395,7 +390,7 @@ class _DtypeRead(nn.Module):
 
 def test_layer_whose_weight_attribute_is_read_stays_dense_in_the_counts():
     x = torch.randn(5, 12)
-    reads = weight_reads(_DtypeRead(), (x,), {})
+    reads = weight_reads(_DtypeRead(), Example(example_inputs=x))
     assert list(reads) == ["fc"] and ".weight is read" in reads["fc"]
     model = svdkern.decompose(_DtypeRead())
     model.fc.prune_(2)

@@ -232,17 +232,17 @@ def test_conv_macs_match_flop_counter(make, shape):
     conv, shape = shape
     layer = make(conv)
     x = torch.randn(shape)
-    dense, chain = layer._macs(shape)
+    dense, chain = layer.macs(shape)
     assert 2 * dense == _flop_count(conv, x)
     assert 2 * chain == _flop_count(layer.to_lowrank(), x)
-    assert 2 * layer._macs(shape, rank=1)[1] == chain
+    assert 2 * layer.macs(shape, rank=1)[1] == chain
 
 
 def test_conv1d_and_conv2d_geometries_differ():
     one = SVDConv1d(4, 4, 3)
     two = SVDConv2d(4, 4, (3, 1))
-    assert one._geometry() != two._geometry()
-    assert one._geometry() == SVDConv1d(4, 4, 3, rank=2)._geometry()
+    assert one.geometry != two.geometry
+    assert one.geometry == SVDConv1d(4, 4, 3, rank=2).geometry
 
 
 # --- transformers' Conv1D ---------------------------------------------------------------

@@ -12,7 +12,11 @@ by `svdkern.tune_forms` is fixed for that input shape:
     chain path:    rows·r·(m + n)          (rows = input rows, or output pixels for a conv)
 
 A subclass gives the matrix view of its weight (`_matrix_from_weight`,
-`_weight_from_matrix`), its costs (`_macs`), its cache key (`_geometry`) and `forward`.
+`_weight_from_matrix`), its costs (`macs`), its cache key (`geometry`) and `forward`.
+
+What the modules above `nn` use of a layer is its public protocol: `rank`, `full_rank`,
+`matrix_shape` (m, n), `macs`, `geometry`, `forms` / `set_form` / `clear_forms`, `prune_`,
+`resize_` and `weight_read`.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from svdkern import ops
 MODES = ("auto", "compose", "chain")
 
 _init_parameters = True
+# The instance-dict key of `SVDLayer.weight_read` (kept as it was, so pickled models keep it).
+_READ_KEY = "_svdkern_weight_read"
 
 
 @contextlib.contextmanager
@@ -117,6 +123,25 @@ class SVDLayer(nn.Module):
         return min(self._m, self._n)
 
     @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """(m, n) of the matrix view W = U·diag(s)·Vᵀ: U is m × r, V is n × r."""
+        return (self._m, self._n)
+
+    @property
+    def weight_read(self) -> str | None:
+        """Why this layer's parent reads its `.weight` instead of calling it (set by
+        `svdkern.decompose` given example inputs), or None: `svdkern.compress` keeps such a
+        layer dense and the cost model counts it dense (`svdkern.costs`)."""
+        return self.__dict__.get(_READ_KEY)
+
+    @weight_read.setter
+    def weight_read(self, reason: str | None) -> None:
+        if reason is None:
+            self.__dict__.pop(_READ_KEY, None)
+        else:
+            self.__dict__[_READ_KEY] = str(reason)
+
+    @property
     def mode(self) -> str:
         """Forward path: "auto" (the form fixed by `set_form` / `svdkern.tune_forms` for
         the input shape, else the cheaper by the MAC cost model), "compose" or "chain"."""
@@ -134,11 +159,13 @@ class SVDLayer(nn.Module):
     def _weight_from_matrix(self, W: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _macs(self, input_shape: Sequence[int], rank: int | None = None) -> tuple[int, int]:
-        """(dense MACs, chain MACs at `rank`, default the current rank) for one input shape."""
+    def macs(self, input_shape: Sequence[int], rank: int | None = None) -> tuple[int, int]:
+        """(dense MACs, chain MACs at `rank`, default the current rank) of one call on an
+        input of `input_shape`; the chain's MACs are linear in the rank."""
         raise NotImplementedError
 
-    def _geometry(self) -> tuple:
+    @property
+    def geometry(self) -> tuple:
         """Everything but the rank that fixes the cost of a forward (the tuning cache key)."""
         raise NotImplementedError
 
@@ -150,7 +177,7 @@ class SVDLayer(nn.Module):
             # train/eval state wins; otherwise the MAC rule.
             chain = self._forms.get((self.training, tuple(input_shape)))
             if chain is None:
-                dense, chain_macs = self._macs(input_shape)
+                dense, chain_macs = self.macs(input_shape)
                 chain = chain_macs <= self._m * self._n * self.rank + dense
         self._last_chain = chain
         return chain
@@ -165,6 +192,10 @@ class SVDLayer(nn.Module):
     def forms(self) -> dict[tuple[bool, tuple[int, ...]], bool]:
         """Fixed forms: {(training, input_shape): chain?} (empty: the MAC rule decides)."""
         return dict(self._forms)
+
+    def clear_forms(self) -> None:
+        """Forget every fixed form: `mode="auto"` follows the MAC rule again."""
+        self._forms.clear()
 
     def _matrix(self) -> torch.Tensor:
         """W = U·diag(s)·Vᵀ as a matrix: from `grouped_compose` inside its block, else composed."""
@@ -269,16 +300,21 @@ class SVDLayer(nn.Module):
             if optimizer is not None:
                 _swap_param(optimizer, old, new, state)
             setattr(self, name, new)
-        self._forms.clear()
+        self.clear_forms()
         return self
 
     @torch.no_grad()
-    def _resize_(self, rank: int) -> None:
-        """Replace U, s, V by uninitialised parameters of rank `rank` (before loading)."""
+    def resize_(self, rank: int) -> SVDLayer:
+        """Replace U, s, V by uninitialised parameters of rank `rank`, each keeping its
+        requires_grad, dtype and device, before a checkpoint of that rank is loaded into
+        them (`svdkern.load_state_dict`); fixed forms are forgotten. Returns self."""
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= self.full_rank:
+            raise ValueError(f"rank must be an int in [1, {self.full_rank}], got {rank!r}")
         for name, shape in (("U", (self._m, rank)), ("s", (rank,)), ("V", (self._n, rank))):
             old = getattr(self, name)
             setattr(self, name, nn.Parameter(old.new_empty(shape), old.requires_grad))
-        self._forms.clear()
+        self.clear_forms()
+        return self
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

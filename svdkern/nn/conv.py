@@ -198,7 +198,8 @@ class _SVDConvNd(SVDLayer):
             )
         )
 
-    def _geometry(self) -> tuple:
+    @property
+    def geometry(self) -> tuple:
         return (
             "conv",
             self.in_channels,
@@ -211,7 +212,7 @@ class _SVDConvNd(SVDLayer):
             self.bias is not None,
         )
 
-    def _macs(self, input_shape: Sequence[int], rank: int | None = None) -> tuple[int, int]:
+    def macs(self, input_shape: Sequence[int], rank: int | None = None) -> tuple[int, int]:
         r = self.rank if rank is None else rank
         d = self._dims
         n_img = math.prod(input_shape[: -(d + 1)])

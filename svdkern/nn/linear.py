@@ -145,10 +145,11 @@ class SVDLinear(SVDLayer):
     def _weight_from_matrix(self, W: torch.Tensor) -> torch.Tensor:
         return W
 
-    def _geometry(self) -> tuple:
+    @property
+    def geometry(self) -> tuple:
         return ("linear", self._m, self._n, self.bias is not None)
 
-    def _macs(self, input_shape: Sequence[int], rank: int | None = None) -> tuple[int, int]:
+    def macs(self, input_shape: Sequence[int], rank: int | None = None) -> tuple[int, int]:
         r = self.rank if rank is None else rank
         rows = math.prod(input_shape[:-1])
         return rows * self._m * self._n, rows * r * (self._m + self._n)
