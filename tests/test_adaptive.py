@@ -1,6 +1,7 @@
 """`svdkern train --method svd-adaptive`: SVD training with rank cuts (optimizer state
 sliced, forms re-tuned), its epoch budget, report fields (train_seconds, latency_ms,
-cuts), plots, --compile, and kill-and-resume across a cut."""
+cuts), plots, --compile, its starting model (fresh, or --init decomposed), and kill -9
+after a cut then resume."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TRAIN, run_cli
+from conftest import TRAIN, kill_at, run_cli
 
 from svdkern.__main__ import main
 from svdkern.train import checkpoint, config
@@ -118,15 +119,18 @@ def test_adaptive_with_compile_trains(tmp_path, monkeypatch):
     assert doc["models"]["adaptive"]["accuracy"] > 0.5
 
 
+PHASES = ["dense", "adaptive", "adaptive_finetune"]
+
+
 @pytest.mark.slow
-def test_kill_after_a_cut_and_resume_ends_like_an_uninterrupted_run(tmp_path):
+def test_kill_9_after_a_cut_and_resume_ends_like_an_uninterrupted_run(tmp_path):
     args = [*ADAPTIVE, "--no-tune-forms"]  # measured forms could differ between the runs
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert main(["train", *args, "--out", str(full)]) == 0
-    crash = _run(*args, "--out", str(killed), "--stop-after-epochs", "6")
-    assert crash.returncode == 75, crash.stderr
-    state = checkpoint.load(killed / "checkpoint.pt")
-    assert (state["phase"], state["epoch"]) == ("adaptive", 2)
+    # kill -9 as soon as the first cut's epoch is checkpointed (so between the two cuts,
+    # unless the kill comes late): the resume starts from the resized model on disk.
+    state = kill_at([*TRAIN, *args, "--out", str(killed)], killed, PHASES, ("adaptive", 1))
+    assert state["info"]["cuts"] and not (killed / "report.json").exists()
     resumed = _run("--resume", str(killed), "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     for name in ("adaptive_svd.pt", "adaptive.pt"):
@@ -140,25 +144,27 @@ def test_kill_after_a_cut_and_resume_ends_like_an_uninterrupted_run(tmp_path):
 @pytest.mark.slow
 def test_resume_applies_the_forms_in_force_instead_of_timing_again(tmp_path):
     run = tmp_path / "run"
-    crash = _run(*ADAPTIVE, "--out", str(run), "--stop-after-epochs", "6")
-    assert crash.returncode == 75, crash.stderr
-    state = checkpoint.load(run / "checkpoint.pt")
-    assert state["phase"] == "adaptive"
+    state = kill_at([*TRAIN, *ADAPTIVE, "--out", str(run)], run, PHASES, ("adaptive", 1))
     assert state["svd_training"]["memory_format"] in ("contiguous", "channels_last")
     assert any(state["svd_training"]["forms"].values())
     timed_before = state["info"]["tuned_forms"]["adaptive"]
     resumed = _run("--resume", str(run), "--quiet")
     assert resumed.returncode == 0, resumed.stderr
-    # The rest of the phase (one epoch, no cut) runs with the checkpointed forms: no new timing.
+    # The adaptive phase times the forms at its start and after each cut, never at a resume:
+    # the resumed run keeps the timings made before the kill and adds one per later cut.
     doc = json.loads((run / "report.json").read_text())
-    assert doc["prune"]["tuned_forms"]["adaptive"] == timed_before
+    timed = doc["prune"]["tuned_forms"]["adaptive"]
+    cuts = [c for c in doc["prune"]["cuts"] if c["phase"] == "adaptive"]
+    assert timed[: len(timed_before)] == timed_before and len(timed) == 1 + len(cuts)
 
 
 def _adaptive_training(pipe, loop):
     """The SVDTraining of the pipeline's adaptive phase, on its starting model."""
+    from svdkern.train.recipe import PHASES
+
     model = pipe.start_model("adaptive")
     opt = loop._make_optimizer(model.parameters(), pipe.cfg)
-    return model, pipe._svd_training(model, opt, loop.PHASES["adaptive"], 100, 10)
+    return model, pipe._svd_training(model, opt, PHASES["adaptive"], 100, 10)
 
 
 def test_every_process_applies_the_ranks_and_forms_process_0_decided(tmp_path, monkeypatch):
@@ -213,6 +219,32 @@ def test_cut_reports_the_macs_flops_counts_without_a_new_forward(tmp_path, monke
     assert recorded == [1]
 
 
+def test_adaptive_starts_from_a_fresh_svd_model_or_from_the_init_weights_decomposed(tmp_path):
+    from svdkern.nn import svd_layers
+    from svdkern.train import loop
+
+    env = loop.Env(0, 1, torch.device("cpu"))
+    pipe = loop.Pipeline(_resolve(*ADAPTIVE, "--out", str(tmp_path / "fresh")), env)
+    fresh, skeleton = pipe.start_model("adaptive").state_dict(), pipe.skeleton(svd=True)
+    assert all(torch.equal(fresh[k], v) for k, v in skeleton.state_dict().items())
+
+    dense = pipe.skeleton(svd=False)
+    with torch.no_grad():
+        for p in dense.parameters():
+            p.mul_(2.0)  # not the seeded init
+    torch.save(dense.state_dict(), tmp_path / "init.pt")
+    cfg = _resolve(*ADAPTIVE, "--init", str(tmp_path / "init.pt"), "--out", str(tmp_path / "run"))
+    pipe = loop.Pipeline(cfg, env)
+    pipe.dir.mkdir()
+    pipe.finish_phase("dense", pipe.start_model("dense"))  # dense.pt: --init's weights
+    model = pipe.start_model("adaptive")
+    layers = svd_layers(model)
+    assert [name for name, _ in layers] == ["fc1", "fc2"]
+    for name, layer in layers:
+        weight = dense.get_submodule(name).weight
+        torch.testing.assert_close(layer.weight, weight, atol=1e-5, rtol=1e-5)
+
+
 def test_orth_scale_amortizes_the_orthogonality_term(monkeypatch):
     import svdkern
     from svdkern import ops
@@ -249,8 +281,9 @@ def test_svdkern_train_and_a_plain_loop_with_svd_training_give_the_same_ranks_an
     import torch.nn.functional as F
 
     import svdkern
-    from svdkern.train import loop
     from svdkern.train.data import load_dataset, steps_per_epoch, train_batches
+    from svdkern.train.models import build_model
+    from svdkern.train.recipe import phases_of
 
     args = [*ADAPTIVE, "--no-tune-forms", "--dense-epochs", "4", "--out", str(tmp_path / "run")]
     assert main(["train", *args]) == 0
@@ -260,7 +293,7 @@ def test_svdkern_train_and_a_plain_loop_with_svd_training_give_the_same_ranks_an
     ds = load_dataset("synthetic")
     torch.manual_seed(cfg["seed"])
     model = svdkern.decompose(
-        loop.build_model(cfg["model"], ds.input_shape, ds.num_classes), skip=["fc"]
+        build_model(cfg["model"], ds.input_shape, ds.num_classes), skip=["fc"]
     )
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"], foreach=True)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2], gamma=cfg["gamma"])
@@ -275,7 +308,7 @@ def test_svdkern_train_and_a_plain_loop_with_svd_training_give_the_same_ranks_an
         cut_until=epochs * steps,
         example_inputs=ds.example(),
     )
-    phase = loop.phases_of(cfg).index("adaptive")
+    phase = phases_of(cfg).index("adaptive")
     for epoch in range(epochs):
         losses = []
         for x, y in train_batches(ds, cfg["batch_size"], cfg["seed"], phase, epoch, "cpu", 0, 1):

@@ -1,4 +1,5 @@
-"""The benchmark files still run: every CPU benchmark once, on tiny sizes, untimed."""
+"""The benchmark files still run, on tiny sizes, untimed, writing no results: every CPU
+benchmark once, and the GPU scripts' --smoke (on the CPU where there is no GPU)."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ import torch
 from conftest import ROOT, TRAIN, cli_env, run_cli
 
 from svdkern.__main__ import main
-from svdkern.train import checkpoint, loop
+from svdkern.train import checkpoint, loop, rundir
 
 # dense 2 → svd 1 → finetune 1: four checkpoints, three phase files, four metrics rows.
 ARGS = ["--data", "synthetic", "--quiet", "--method", "svd", "--no-baselines"]
@@ -39,7 +39,7 @@ MODELS = ("dense.pt", "svd.pt", "pruned.pt")
 #   row:     half of a metrics row written (before that epoch's checkpoint)
 LAUNCHER = """
 import json, os, signal, sys
-from svdkern.train import checkpoint, loop
+from svdkern.train import checkpoint, rundir
 from svdkern.__main__ import main
 
 n, stage = int(sys.argv[1]), sys.argv[2]
@@ -59,18 +59,18 @@ def _write(path, data):
     if count[0] == n and stage == "written":
         die()
 
-metrics = loop.Pipeline._metrics
+append_metrics = rundir.RunFiles.append_metrics
 
-def _metrics(self, row):
+def _append_metrics(self, row):
     count[0] += stage == "row"
     if count[0] == n and stage == "row":
-        with open(self.dir / loop.METRICS, "a") as f:
+        with open(self.directory / rundir.METRICS, "a") as f:
             f.write(json.dumps(row)[:25])
         die()
-    metrics(self, row)
+    append_metrics(self, row)
 
 checkpoint._write = _write
-loop.Pipeline._metrics = _metrics
+rundir.RunFiles.append_metrics = _append_metrics
 sys.exit(main(["train", *sys.argv[3:]]))
 """
 
@@ -120,6 +120,7 @@ KILLS = [
 ]
 
 
+@pytest.mark.slow
 def test_kill_9_at_writes_then_resume_ends_like_an_uninterrupted_run(reference, tmp_path):
     run = tmp_path / "run"
     argv = [*ARGS, "--out", str(run)]
@@ -143,6 +144,7 @@ def test_kill_9_at_writes_then_resume_ends_like_an_uninterrupted_run(reference, 
     _same_run(reference, run)
 
 
+@pytest.mark.slow
 def test_kill_9_at_a_random_time_then_resume_ends_like_an_uninterrupted_run(reference, tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen(
@@ -217,11 +219,11 @@ def test_failed_metrics_write_names_the_file(tmp_path, monkeypatch, capsys):
     real_open = open
 
     def fake_open(path, mode="r", *args, **kwargs):
-        if Path(path).name == loop.METRICS and "a" in mode:
+        if Path(path).name == rundir.METRICS and "a" in mode:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real_open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(loop, "open", fake_open, raising=False)
+    monkeypatch.setattr(rundir, "open", fake_open, raising=False)
     assert main(["train", *ARGS, "--out", str(run)]) == 1
     err = capsys.readouterr().err.strip()
     assert err == (

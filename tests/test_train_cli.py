@@ -1,5 +1,6 @@
-"""`svdkern train` end to end on synthetic data: report, checkpoints, methods, config files,
-bad flags, NaN stop, kill-and-resume; `svdkern compare` and `svdkern check`."""
+"""`svdkern train` end to end on synthetic data: the phase recipe, report, checkpoints,
+methods, config files, bad flags, NaN stop, kill -9 and resume; `svdkern compare` and
+`svdkern check`."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TRAIN, run_cli
+from conftest import TRAIN, kill_at, run_cli
 
 import svdkern
 from svdkern.__main__ import main
-from svdkern.train import checkpoint, cli, config
+from svdkern.train import checkpoint, cli, config, recipe
 from svdkern.train.cli import _parse, build_train_parser
-from svdkern.train.loop import _deployed_forms
+from svdkern.train.measure import deployed_forms
 from svdkern.train.models import CLASSIFIER, build_model
 from svdkern.train.report import _forms_note
 
@@ -105,7 +106,7 @@ def test_the_report_records_what_compress_made_of_each_svd_layer(policy):
     torch.manual_seed(0)
     model = svdkern.decompose(build_model("mlp", (1, 8, 8), 10), skip=[CLASSIFIER])
     svdkern.prune(model, ranks={"fc1": 2})  # fc1 cheaper as a pair, fc2 (full rank) dense
-    forms = _deployed_forms(model, svdkern.compress(model, policy))
+    forms = deployed_forms(model, svdkern.compress(model, policy))
     expected = {"lowrank": "lowrank", "dense": "dense", "flops": None}[policy]
     assert forms == {"fc1": expected or "lowrank", "fc2": expected or "dense"}
     assert (
@@ -132,6 +133,42 @@ def test_train_methods(tmp_path, method, models):
     extra = ["--trp-interval", "3"] if method == "trp" else []
     assert _train("--out", str(run), "--method", method, *extra) == 0
     assert set(_report(run)["models"]) == models
+
+
+def test_the_recipe_chains_every_phase_to_results_its_method_made_before():
+    for method in recipe.METHODS:
+        for no_baselines in (False, True):
+            made: set[str] = set()
+            for name in recipe.phases_of({"method": method, "no_baselines": no_baselines}):
+                phase = recipe.PHASES[name]
+                start = phase.start
+                if start.result is not None:
+                    assert start.result in made, (method, name)
+                    source = recipe.RESULTS[start.result]
+                    assert phase.svd == (source.svd or start.decompose), name
+                    assert not (source.svd and start.decompose), name
+                assert phase.svd or not (start.prune or phase.sparsity or phase.cuts), name
+                made.add(phase.result)
+            assert recipe.FINAL[method] in made
+    assert recipe.FINAL == {
+        "svd": "pruned",
+        "svd-adaptive": "adaptive",
+        "dense": "dense",
+        "posthoc": "posthoc",
+        "trp": "trp",
+    }
+    assert recipe.PRODUCED_BY == {
+        "dense": ("dense",),
+        "svd": ("dense", "svd"),
+        "pruned": ("dense", "svd", "finetune"),
+        "adaptive_svd": ("adaptive",),
+        "adaptive": ("adaptive", "adaptive_finetune"),
+        "posthoc": ("dense", "posthoc"),
+        "trp_trained": ("dense", "trp"),
+        "trp": ("dense", "trp", "trp_finetune"),
+    }
+    epochs = {phase.epochs for phase in recipe.PHASES.values()}
+    assert epochs <= set(config.resolve(_parse(build_train_parser(), [])))
 
 
 def test_init_from_dense_checkpoint_with_sgd_and_cosine(tmp_path):
@@ -351,15 +388,16 @@ def test_non_finite_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path, 
 
 
 @pytest.mark.slow
-def test_kill_and_resume_ends_like_an_uninterrupted_run(tmp_path):
+def test_kill_9_in_fine_tuning_and_resume_ends_like_an_uninterrupted_run(tmp_path):
     args = [*TINY, "--svd-epochs", "2", "--finetune-epochs", "2", "--method", "svd"]
     args += ["--compress-policy", "flops"]  # the latency policy's choice depends on timings
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert main(["train", *args, "--out", str(full)]) == 0  # the reference, in process
-    crash = _run(*args, "--out", str(killed), "--stop-after-epochs", "4")
-    assert crash.returncode == 75, crash.stderr
-    state = checkpoint.load(killed / "checkpoint.pt")
-    assert (state["phase"], state["epoch"]) == ("finetune", 1)
+    # kill -9 once fine-tuning has checkpointed an epoch: the resume starts from whatever
+    # checkpoint is on disk then, and must end with the reference's figures and weights.
+    phases = ["dense", "svd", "finetune", "posthoc"]
+    state = kill_at([*TRAIN, *args, "--out", str(killed)], killed, phases, ("finetune", 1))
+    assert phases.index(state["phase"]) >= phases.index("finetune")
     assert not (killed / "report.json").exists()
     resumed = _run("--resume", str(killed), "--quiet")
     assert resumed.returncode == 0, resumed.stderr
@@ -467,7 +505,6 @@ def test_train_help_documents_every_flag(capsys):
         "--compile",
     ):
         assert flag in out, flag
-    assert "--stop-after-epochs" not in out
 
 
 def test_check_is_the_default_command_and_passes(capsys):

@@ -8,9 +8,11 @@ trp      trained rank pruning (Xu et al., 2019): the dense weights are trained w
          by its truncated SVD, keeping the rank the pruning energy rule gives; afterwards
          the model is decomposed, pruned by the same rule and fine-tuned.
 
-Weights are viewed as matrices as the SVD layers view them (DESIGN.md §4): a Linear
-weight as it is; a conv weight (c_out, c_in, kh, kw) as c_out × (c_in·kh·kw) for
-"channel", (c_in·kh) × (c_out·kw) for "spatial".
+Weights are viewed as matrices as the SVD layers view them: a Linear weight as it is; a
+conv weight (c_out, c_in, kh, kw) as c_out × (c_in·kh·kw) for "channel", (c_in·kh) ×
+(c_out·kw) for "spatial". svdkern holds that view and the energy rule only privately (an
+SVD layer's `_matrix_from_weight`, `svdkern.prune`'s `_rank_for`), for SVD layers, while
+TRP applies them to the dense weights: hence `weight_matrix` and `energy_rank` here.
 """
 
 from __future__ import annotations

@@ -18,15 +18,10 @@ import svdkern
 from svdkern.nn import svd_layers
 from svdkern.train import checkpoint, config, report, rundir
 from svdkern.train.data import DataError, load_dataset
-from svdkern.train.loop import (
-    CHECKPOINT,
-    METRICS,
-    Pipeline,
-    TrainingError,
-    init_env,
-    phases_of,
-)
+from svdkern.train.loop import Pipeline, init_env
 from svdkern.train.models import LM_MODELS, SIZES, model_sizes
+from svdkern.train.recipe import phases_of
+from svdkern.train.rundir import CHECKPOINT, METRICS, TrainingError
 
 __all__ = ["build_compare_parser", "build_train_parser", "compare_main", "train_main"]
 
@@ -252,7 +247,6 @@ def _resume_config(
                 f"{cfg.get('method')!r}; the checkpoint is damaged"
             )
     cfg.update(out=str(args.resume), quiet=args.quiet, resume=str(args.resume))
-    cfg["stop_after_epochs"] = args.stop_after_epochs
     return cfg, state
 
 
@@ -366,21 +360,20 @@ def _train(
         try:
             if env.main and state is None:
                 path = Path(cfg["out"]) / "config.json"
-                saved = {k: v for k, v in cfg.items() if k != "stop_after_epochs"}
                 try:
-                    path.write_text(json.dumps(saved, indent=2) + "\n")
+                    path.write_text(json.dumps(cfg, indent=2) + "\n")
                 except OSError as exc:
                     raise TrainingError(f"cannot write {path}: {exc.strerror}") from None
             pipe.run()
             if env.main:
                 try:
-                    doc = pipe.finalize()
+                    doc, written = report.finalize(pipe)
                 except OSError as exc:
                     raise TrainingError(
                         f"cannot write {exc.filename or 'the report'}: {exc.strerror}; the "
                         f"trained models are in {cfg['out']}"
                     ) from None
-                _print_summary(cfg, doc, pipe.written)
+                _print_summary(cfg, doc, written)
         except TrainingError as exc:
             if env.main:
                 print(f"svdkern train: error: {exc}", file=sys.stderr)

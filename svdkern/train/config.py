@@ -22,14 +22,15 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from svdkern.nn import DECOMPOSITIONS
+from svdkern.reference import SPARSITY_KINDS as SPARSITY
+from svdkern.train import recipe
 from svdkern.train.models import MODELS
 
 DATASETS = ("digits", "cifar10", "synthetic", "text")
-METHODS = ("svd", "svd-adaptive", "dense", "posthoc", "trp")
-SPARSITY = ("l1", "hoyer", "hoyer_square")
+METHODS = tuple(recipe.METHODS)
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("step", "cosine", "constant")
-DECOMPOSITIONS = ("channel", "spatial")
 
 # Per data set: the defaults of every flag left unset (None) on the command line.
 _DATA_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -78,7 +79,10 @@ _DATA_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 # Flags that describe how a process runs, not what it computes: not part of a run's identity.
-RUNTIME_KEYS = ("resume", "config", "quiet", "stop_after_epochs", "out")
+RUNTIME_KEYS = ("resume", "config", "quiet", "out")
+# Keys that older versions saved in a run's configuration and that mean nothing now: dropped
+# when such a run resumes.
+_RETIRED_KEYS = ("stop_after_epochs",)
 
 
 class ConfigError(ValueError):
@@ -240,7 +244,6 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "stay free), torch's default otherwise",
     )
     g.add_argument("--quiet", action="store_true", help="no progress bars")
-    g.add_argument("--stop-after-epochs", type=_pos_int, help=argparse.SUPPRESS)
 
     g = p.add_argument_group("data and model")
     g.add_argument(
@@ -285,12 +288,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--method",
         choices=METHODS,
         default="svd",
-        help="svd: dense → decompose → SVD training → prune → fine-tune (the default; also runs "
-        "posthoc unless --no-baselines); svd-adaptive: SVD training from a fresh SVD model "
-        "(or --init) with rank cuts every --cut-every epochs, then prune + fine-tune, in "
-        "as many epochs as dense training (dense is still trained as the baseline); "
-        "dense: dense training only; posthoc: truncated SVD of the dense model + fine-tune; "
-        "trp: trained rank pruning + fine-tune",
+        help="; ".join(f"{name}: {m.help}" for name, m in recipe.METHODS.items()),
     )
     g.add_argument(
         "--no-baselines",
@@ -611,13 +609,16 @@ _RESOLVED = (
 def check_saved(cfg: dict, source: str) -> dict:
     """Re-check a saved run configuration (a checkpoint's or config.json's) as the command
     line checks its flags: every key known, none missing (runtime keys aside), every value
-    of its flag's kind and passing the flag's own type and choices. Returns `cfg`; raises
-    ConfigError naming `source` and the key otherwise.
+    of its flag's kind and passing the flag's own type and choices. Returns `cfg`, less the
+    keys older versions saved that mean nothing now; raises ConfigError naming `source` and
+    the key otherwise.
     """
     if not isinstance(cfg, dict):
         raise ConfigError(
             f"{source}: the saved configuration is a {type(cfg).__name__}, not a table of keys"
         )
+    for key in _RETIRED_KEYS:
+        cfg.pop(key, None)
     parser = argparse.ArgumentParser(add_help=False)
     add_train_arguments(parser)
     actions = {action.dest: action for action in parser._actions}

@@ -1,22 +1,9 @@
-"""The pipeline of `svdkern train`: phases, the training loop, checkpoints, resume.
+"""The training loop of `svdkern train`: each phase's model, its epochs, checkpoints, resume.
 
-A run is a list of phases, each trained for some epochs with a fresh optimizer and
-LR schedule and ending in a model file in the run directory:
-
-    method svd:      dense → svd (λ_o, λ_s) → finetune (pruned; λ_o only) [→ posthoc]
-    method svd-adaptive:
-                     dense (the baseline) → adaptive (a fresh SVD model, or --init
-                     decomposed; λ_o, λ_s; ranks cut by the energy rule with --cut-energy
-                     every --cut-every epochs, optimizer state sliced, forms re-tuned)
-                     → adaptive_finetune (pruned by --energy; λ_o only) [→ posthoc]
-    method dense:    dense
-    method posthoc:  dense → posthoc (truncated SVD of dense; λ_o only)
-    method trp:      dense → trp (dense weights, truncated every k steps, nuclear norm)
-                     → trp_finetune (decomposed, pruned; λ_o only)
-
-A phase starts from the previous phases' files (dense.pt, svd.pt, ...), so an
-uninterrupted and a resumed run build the same models. Every epoch ends with an
-atomic checkpoint (model, optimizer, scheduler, RNG states, phase, epoch, results
+The phases each method runs, and what each one starts from and trains, are declared in
+`recipe`. A phase starts from the previous phases' files (dense.pt, svd.pt, ...), so an
+uninterrupted and a resumed run build the same models. Every epoch ends with a metrics row
+and an atomic checkpoint (model, optimizer, scheduler, RNG states, phase, epoch, results
 so far), unless its weights or test loss are NaN or inf: that stops the run and names
 the last checkpoint, so the last good one. `--resume` rebuilds the phase's model
 skeleton, loads the checkpoint (SVD layers resized to the pruned ranks) and goes on.
@@ -27,7 +14,6 @@ with the same weights.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import sys
@@ -44,90 +30,15 @@ from tqdm import tqdm
 
 import svdkern
 from svdkern.nn import svd_layers
-from svdkern.train import baselines, checkpoint, report
-from svdkern.train.baselines import decomposable, weight_matrix
-from svdkern.train.data import (
-    Dataset,
-    bits_per_byte,
-    eval_batches,
-    load_dataset,
-    steps_per_epoch,
-    train_batches,
-)
+from svdkern.train import baselines, checkpoint
+from svdkern.train.data import Dataset, bits_per_byte, load_dataset, steps_per_epoch, train_batches
+from svdkern.train.measure import evaluate, measure
 from svdkern.train.models import CLASSIFIER, build_model, model_sizes
+from svdkern.train.recipe import FINAL, PHASES, PRODUCED_BY, RESULTS, Phase, phases_of
+from svdkern.train.rundir import CHECKPOINT, RunFiles, TrainingError
 from svdkern.training import SVDTraining
 
-__all__ = ["Env", "Pipeline", "TrainingError", "init_env", "phases_of"]
-
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on (non-finite loss, unusable checkpoint); the message says why."""
-
-
-@dataclass(frozen=True)
-class Phase:
-    """One trained stage: which epochs flag, which result it produces, its loss terms."""
-
-    name: str
-    epochs_key: str
-    result: str
-    svd: bool  # trains SVD layers (regularizer applies)
-    sparsity: bool  # λ_s on (else only λ_o)
-    trp: bool = False
-    cuts: bool = False  # ranks cut every --cut-every epochs
-
-
-PHASES = {
-    "dense": Phase("dense", "dense_epochs", "dense", svd=False, sparsity=False),
-    "svd": Phase("svd", "svd_epochs", "svd", svd=True, sparsity=True),
-    "finetune": Phase("finetune", "finetune_epochs", "pruned", svd=True, sparsity=False),
-    "posthoc": Phase("posthoc", "finetune_epochs", "posthoc", svd=True, sparsity=False),
-    "trp": Phase("trp", "svd_epochs", "trp_trained", svd=False, sparsity=False, trp=True),
-    "trp_finetune": Phase("trp_finetune", "finetune_epochs", "trp", svd=True, sparsity=False),
-    "adaptive": Phase("adaptive", "svd_epochs", "adaptive_svd", svd=True, sparsity=True, cuts=True),
-    "adaptive_finetune": Phase(
-        "adaptive_finetune", "finetune_epochs", "adaptive", svd=True, sparsity=False
-    ),
-}
-
-# The result whose compressed form is the run's deliverable, per method.
-FINAL = {
-    "svd": "pruned",
-    "svd-adaptive": "adaptive",
-    "dense": "dense",
-    "posthoc": "posthoc",
-    "trp": "trp",
-}
-
-# The phases whose training produced each result (its train_seconds is their sum).
-PRODUCED_BY = {
-    "dense": ("dense",),
-    "svd": ("dense", "svd"),
-    "pruned": ("dense", "svd", "finetune"),
-    "posthoc": ("dense", "posthoc"),
-    "trp_trained": ("dense", "trp"),
-    "trp": ("dense", "trp", "trp_finetune"),
-    "adaptive_svd": ("adaptive",),
-    "adaptive": ("adaptive", "adaptive_finetune"),
-}
-
-
-def phases_of(cfg: dict[str, Any]) -> list[str]:
-    """The phase names a configuration runs, in order."""
-    method = cfg["method"]
-    if method == "dense":
-        return ["dense"]
-    if method == "posthoc":
-        return ["dense", "posthoc"]
-    if method == "trp":
-        return ["dense", "trp", "trp_finetune"]
-    baselines = [] if cfg["no_baselines"] else ["posthoc"]
-    if method == "svd-adaptive":
-        return ["dense", "adaptive", "adaptive_finetune", *baselines]
-    return ["dense", "svd", "finetune", *baselines]
+__all__ = ["Env", "Pipeline", "init_env"]
 
 
 # --- processes and devices --------------------------------------------------------------
@@ -171,48 +82,6 @@ def init_env(device: str) -> Env:
 # --- helpers ----------------------------------------------------------------------------
 
 
-def spectra(model: nn.Module, decomposition: str) -> dict[str, list[float]]:
-    """Per layer, the singular values (|s| sorted descending) of every decomposed layer."""
-    out = {}
-    for name, m in svd_layers(model):
-        out[name] = torch.sort(m.s.detach().abs().float().cpu(), descending=True).values.tolist()
-    for name, m in decomposable(model):
-        W = weight_matrix(m.weight.detach().double().cpu(), decomposition)
-        out[name] = torch.linalg.svdvals(W).float().tolist()
-    return out
-
-
-def full_ranks(model: nn.Module, decomposition: str) -> dict[str, int]:
-    """Per decomposed (or decomposable) layer, min(m, n) of its matrix view."""
-    out = {name: m.full_rank for name, m in svd_layers(model)}
-    for name, m in decomposable(model):
-        out[name] = min(weight_matrix(m.weight, decomposition).shape)
-    return out
-
-
-def ranks(model: nn.Module, decomposition: str) -> dict[str, int]:
-    """Per layer, its rank: r of an SVD layer, full rank of a dense one."""
-    out = full_ranks(model, decomposition)
-    out.update({name: m.rank for name, m in svd_layers(model)})
-    return out
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, ds: Dataset, device: torch.device) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy as a fraction) on the test set: per sample for a
-    classifier, per predicted byte for a language model."""
-    was = model.training
-    model.eval()
-    loss = correct = 0.0
-    for x, y in eval_batches(ds, device):
-        out = model(x)
-        loss += F.cross_entropy(out.flatten(0, -2), y.flatten(), reduction="sum").item()
-        correct += (out.argmax(-1) == y).sum().item()
-    model.train(was)
-    n = ds.y_test.numel()
-    return loss / n, correct / n
-
-
 def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
     """The names of the tensors holding a NaN or ±inf."""
     if not tensors or torch.stack([t.isfinite().all() for t in tensors.values()]).all():
@@ -223,19 +92,6 @@ def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
 def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer of `model` by name."""
     return {**dict(model.named_parameters()), **dict(model.named_buffers())}
-
-
-def _deployed_forms(svd_model: nn.Module, deployed: nn.Module) -> dict[str, str]:
-    """{SVD layer: "lowrank" or "dense"}: what `svdkern.compress` made of each layer (a
-    low-rank pair is an nn.Sequential at the layer's name)."""
-    forms = {}
-    for name, _ in svd_layers(svd_model):
-        try:
-            plain = deployed.get_submodule(name)
-        except AttributeError:  # inside an attention block deployed as nn.MultiheadAttention
-            plain = None
-        forms[name] = "lowrank" if isinstance(plain, nn.Sequential) else "dense"
-    return forms
 
 
 def _make_optimizer(params, cfg: dict[str, Any]) -> torch.optim.Optimizer:
@@ -269,28 +125,17 @@ def _all_sum(values: list[float], env: Env) -> list[float]:
     return t.tolist()
 
 
-def read_metrics(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """The rows of metrics.jsonl as (line, row). A last line cut short (a crash or a full disk
-    in the middle of a write) is dropped; a damaged line before it is an error naming it."""
-    text = path.read_text(errors="replace")
-    lines = text.split("\n")
-    out = []
-    for number, line in enumerate(lines, start=1):
-        if not line:
-            continue
-        if number == len(lines):  # no newline after it: the write did not finish
-            break
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-        if not isinstance(row, dict) or "phase" not in row or "epoch" not in row:
-            raise TrainingError(
-                f"{path}, line {number}: not a metrics row; remove that line (or the run "
-                "directory) and resume again"
-            )
-        out.append((line, row))
-    return out
+class _Stopwatch:
+    """Wall-clock and process CPU seconds since it was started."""
+
+    def __init__(self):
+        self.wall0, self.cpu0 = time.perf_counter(), time.process_time()
+
+    def wall(self) -> float:
+        return time.perf_counter() - self.wall0
+
+    def cpu(self) -> float:
+        return time.process_time() - self.cpu0
 
 
 # --- the pipeline -----------------------------------------------------------------------
@@ -320,68 +165,22 @@ class Pipeline:
         self.resume = resume
         self.results: dict[str, dict[str, Any]] = resume["results"] if resume else {}
         self.info: dict[str, Any] = resume["info"] if resume else {}
-        self.epochs_run = 0
         self._t0 = time.perf_counter()
         self._wall_before = float(resume.get("wall_time_s", 0.0)) if resume else 0.0
         # TRP truncates with the pruning energy rule (ε = --energy, or 1e-3 under --target-flops).
         self.trp_energy = cfg["energy"] if cfg["energy"] is not None else 1e-3
         self.show_bars = not cfg["quiet"] and env.main and sys.stderr.isatty()
-        # (phase, epoch) of the checkpoint on disk, for the message of a failed write.
-        self.saved: tuple[str, int] | None = (resume["phase"], resume["epoch"]) if resume else None
+        saved = (resume["phase"], resume["epoch"]) if resume else None
+        self.files = RunFiles(self.dir, write=env.main, saved=saved)
 
     def wall_time(self) -> float:
         """Seconds spent on this run, over all its (resumed) processes."""
         return self._wall_before + time.perf_counter() - self._t0
 
-    # -- output -----------------------------------------------------------------------
-
     def log(self, text: str) -> None:
         if self.env.main and not self.cfg["quiet"]:
             tqdm.write(text, file=sys.stdout)
             sys.stdout.flush()
-
-    def _write_failed(self, exc: OSError, path: Path) -> TrainingError:
-        """The error of a failed write (disk full, read-only file system): names the file and
-        the cause, and says which checkpoint is intact to resume from."""
-        if self.saved is not None:
-            where = (
-                f"the previous {self.dir / CHECKPOINT} is intact ({self.saved[0]}, epoch "
-                f"{self.saved[1]}): make room and continue with --resume {self.dir}"
-            )
-        else:
-            where = f"no checkpoint yet: make room and start again with --resume {self.dir}"
-        cause = exc.strerror or str(exc)
-        return TrainingError(f"cannot write {exc.filename or path}: {cause}; {where}")
-
-    def _save(self, obj: Any, name: str) -> None:
-        if self.env.main:
-            try:
-                checkpoint.save_atomic(obj, self.dir / name)
-            except OSError as exc:
-                raise self._write_failed(exc, self.dir / name) from None
-
-    def _metrics(self, row: dict[str, Any]) -> None:
-        if self.env.main:
-            try:
-                with open(self.dir / METRICS, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-            except OSError as exc:
-                raise self._write_failed(exc, self.dir / METRICS) from None
-
-    def _trim_metrics(self, phase_index: int, epoch: int) -> None:
-        """Drop metric rows written after the checkpoint a resumed run starts from."""
-        path = self.dir / METRICS
-        if not self.env.main or not path.exists():
-            return
-        keep = []
-        for line, row in read_metrics(path):
-            pos = (self.phases.index(row["phase"]), row["epoch"])
-            if pos <= (phase_index, epoch):
-                keep.append(line)
-        try:
-            checkpoint.write_atomic(path, "".join(line + "\n" for line in keep).encode())
-        except OSError as exc:
-            raise self._write_failed(exc, path) from None
 
     # -- models -----------------------------------------------------------------------
 
@@ -395,9 +194,10 @@ class Pipeline:
             svdkern.decompose(model, self.cfg["decomposition"], skip=[CLASSIFIER])
         return model.to(self.env.device)
 
-    def load_result(self, result: str, svd: bool) -> nn.Module:
+    def load_result(self, result: str) -> nn.Module:
         """The model saved at the end of a phase (its `<result>.pt`)."""
         state = checkpoint.load(self.dir / f"{result}.pt")["model"]
+        svd = RESULTS[result].svd
         model = self.skeleton(svd)
         if svd:
             svdkern.load_state_dict(model, state)
@@ -405,19 +205,42 @@ class Pipeline:
             model.load_state_dict(state)
         return model.to(self.env.device)
 
-    def _prune(self, model: nn.Module, key: str, target_macs: int | None = None) -> None:
-        """Prune by --energy / --target-flops, or to `target_macs` (posthoc at equal MACs)."""
+    def start_model(self, name: str) -> nn.Module:
+        """The model phase `name` starts from (its `recipe.Start`), built from the previous
+        phases' files."""
+        phase = PHASES[name]
+        start = phase.start
+        decompose = start.decompose
+        if start.result is not None:
+            model = self.load_result(start.result)
+        elif self.cfg["init"] and phase.svd:
+            model, decompose = self.load_result("dense"), True  # dense.pt holds --init's weights
+        else:
+            model = self.skeleton(svd=phase.svd)
+            if self.cfg["init"]:
+                model.load_state_dict(self.init_state())
+        if decompose:
+            svdkern.decompose(model, self.cfg["decomposition"], skip=[CLASSIFIER])
+        if start.prune is not None:
+            self._prune(model, phase.result, at_final_macs=start.prune == "final_macs")
+        return model
+
+    def _prune(self, model: nn.Module, key: str, at_final_macs: bool) -> None:
+        """Prune by --energy / --target-flops, or to the MACs of the method's final result
+        (`at_final_macs`, once it is trained); record it in the run's info under `key`."""
+        cfg = self.cfg
+        final = FINAL[cfg["method"]]
         kwargs: dict[str, Any] = {
             "example_inputs": (self.example,),
-            "multiple_of": self.cfg["multiple_of"],
+            "multiple_of": cfg["multiple_of"],
         }
-        if target_macs is not None:
+        if at_final_macs and final in self.results:
             dense_macs = svdkern.flops(model, example_inputs=(self.example,)).dense_macs
-            kwargs["target_flops"] = min(1.0, target_macs / dense_macs)
-        elif self.cfg["target_flops"] is not None:
-            kwargs["target_flops"] = self.cfg["target_flops"]
+            kwargs["target_flops"] = min(1.0, self.results[final]["macs"] / dense_macs)
+        elif cfg["target_flops"] is not None:
+            kwargs["target_flops"] = cfg["target_flops"]
         else:
-            kwargs["energy"] = self.cfg["energy"]
+            kwargs["energy"] = cfg["energy"]
         report = svdkern.prune(model, **kwargs)
         loss, acc = evaluate(model, self.ds, self.env.device)
         self.info[key] = {
@@ -426,46 +249,6 @@ class Pipeline:
             "loss_before_finetune": loss,
         }
         self.log(f"[{key}] pruned (accuracy before fine-tuning {acc:.2%}):\n{report}")
-
-    def start_model(self, name: str) -> nn.Module:
-        """The model a phase starts from, derived from the previous phases' files."""
-        cfg = self.cfg
-        if name == "dense":
-            model = self.skeleton(svd=False)
-            if cfg["init"]:
-                model.load_state_dict(self.init_state())
-            return model
-        if name == "svd":
-            model = self.load_result("dense", svd=False)
-            return svdkern.decompose(model, cfg["decomposition"], skip=[CLASSIFIER])
-        if name == "finetune":
-            model = self.load_result("svd", svd=True)
-            self._prune(model, "pruned")
-            return model
-        if name == "posthoc":
-            model = self.load_result("dense", svd=False)
-            svdkern.decompose(model, cfg["decomposition"], skip=[CLASSIFIER])
-            final = FINAL[cfg["method"]]
-            target = self.results[final]["macs"] if final in self.results else None
-            self._prune(model, "posthoc", target_macs=target)
-            return model
-        if name == "adaptive":
-            if cfg["init"]:
-                model = self.load_result("dense", svd=False)
-                return svdkern.decompose(model, cfg["decomposition"], skip=[CLASSIFIER])
-            return self.skeleton(svd=True)
-        if name == "adaptive_finetune":
-            model = self.load_result("adaptive_svd", svd=True)
-            self._prune(model, "adaptive")
-            return model
-        if name == "trp":
-            return self.load_result("dense", svd=False)
-        if name == "trp_finetune":
-            model = self.load_result("trp_trained", svd=False)
-            svdkern.decompose(model, cfg["decomposition"], skip=[CLASSIFIER])
-            self._prune(model, "trp")
-            return model
-        raise ValueError(f"unknown phase {name!r}")
 
     def init_state(self) -> dict[str, torch.Tensor]:
         """The dense state_dict of --init: a state_dict, a phase file (dense.pt), or a run's
@@ -511,128 +294,158 @@ class Pipeline:
             )
         return state
 
-    def measure(self, model: nn.Module) -> dict[str, Any]:
-        """Test accuracy, loss, params, MACs (as deployed after compress) and ranks."""
-        loss, acc = evaluate(model, self.ds, self.env.device)
-        fl = svdkern.flops(model, example_inputs=(self.example,))
-        quality = {"bits_per_byte": bits_per_byte(loss)} if self.ds.task == "lm" else {}
-        return {
-            "accuracy": acc,
-            "loss": loss,
-            **quality,
-            "params": fl.compressed_params,
-            "macs": fl.compressed_macs,
-            "ranks": ranks(model, self.cfg["decomposition"]),
-            "full_ranks": full_ranks(model, self.cfg["decomposition"]),
-        }
-
     # -- training ---------------------------------------------------------------------
 
     def train_phase(self, index: int, model: nn.Module, state: dict[str, Any] | None) -> None:
         """Train `model` for the rest of phase `index` (from `state` when resuming)."""
-        cfg, env = self.cfg, self.env
+        cfg = self.cfg
         phase = PHASES[self.phases[index]]
-        epochs = cfg[phase.epochs_key]
-        opt = _make_optimizer(model.parameters(), cfg)
-        sched = _make_scheduler(opt, cfg, epochs)
-        start = 0
+        epochs, steps = cfg[phase.epochs], steps_per_epoch(self.ds, cfg["batch_size"])
+        opt, sched = self._optimizer(model, epochs, state)
         if state is not None:
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
             checkpoint.set_rng_state(state["rng"])
-            start = state["epoch"]
-        steps = steps_per_epoch(self.ds, cfg["batch_size"])
-        t_setup, c_setup = time.perf_counter(), time.process_time()
-        st = self._svd_training(model, opt, phase, epochs * steps, steps) if phase.svd else None
-        if st is not None and state is not None and state.get("svd_training"):
-            st.load_state_dict(state["svd_training"])  # the forms in force, the cuts so far
-        elif st is not None and st.tune_forms:
-            st.tune()
+        setup = _Stopwatch()  # counted as training time of the first epoch
+        st = self._start_svd_training(model, opt, phase, state, epochs, steps)
         net = self._wrap(model)
-        setup_s = time.perf_counter() - t_setup
-        setup_cpu = time.process_time() - c_setup
-        seconds = self.info.setdefault("phase_seconds", {})
-        cpu_seconds = self.info.setdefault("phase_cpu_seconds", {})
+        setup_s, setup_cpu = setup.wall(), setup.cpu()
+        for key in ("phase_seconds", "phase_cpu_seconds"):
+            self.info.setdefault(key, {})
+        start = state["epoch"] if state is not None else 0
         for epoch in range(start, epochs):
-            t0, c0 = time.perf_counter(), time.process_time()
+            clock = _Stopwatch()
             cuts_before = len(st.history) if st is not None else 0
             sums = self._train_epoch(index, epoch, epochs, net, model, opt, st, steps)
-            step_s = (time.perf_counter() - t0) / steps
+            step_s = clock.wall() / steps
             if st is not None and self._record_cuts(st, cuts_before, phase, epoch):
                 if cfg.get("compile"):
                     # The old ranks' graphs are dead: drop them rather than let every cut
                     # add a cache entry until dynamo's recompile limit sends us to eager.
                     torch._dynamo.reset()
                 net = self._wrap(model)
-            train_s = time.perf_counter() - t0 + setup_s
-            train_cpu = time.process_time() - c0 + setup_cpu
+            train_s, train_cpu = clock.wall() + setup_s, clock.cpu() + setup_cpu
             setup_s = setup_cpu = 0.0
-            seconds[phase.name] = seconds.get(phase.name, 0.0) + train_s
-            cpu_seconds[phase.name] = cpu_seconds.get(phase.name, 0.0) + train_cpu
+            self._count_seconds(phase, train_s, train_cpu)
             lr = opt.param_groups[0]["lr"]
             sched.step()
-            test_loss, test_acc = evaluate(model, self.ds, env.device)
+            test_loss, test_acc = evaluate(model, self.ds, self.env.device)
             if not math.isfinite(test_loss):
                 self._diverged(
                     f"the test loss became {test_loss} after phase {phase.name!r}, epoch "
                     f"{epoch + 1}"
                 )
-            n = max(sums["count"], 1)
-            row = {
-                "phase": phase.name,
-                "epoch": epoch + 1,
-                "lr": lr,
-                "loss": sums["loss"] / n,
-                "task_loss": sums["task"] / n,
-                "orth": sums["orth"] / n,
-                "sparsity": sums["sparsity"] / n,
-                "nuclear": sums["nuclear"] / n,
-                "train_accuracy": sums["correct"] / max(sums["predicted"], 1),
-                "test_loss": test_loss,
-                "test_accuracy": test_acc,
-                "seconds": time.perf_counter() - t0,
+            times = {
+                "seconds": clock.wall(),
                 "train_seconds": train_s,
                 "train_cpu_seconds": train_cpu,
                 "step_ms": 1e3 * step_s,
             }
-            if phase.svd:
-                layer_ranks = {name: m.rank for name, m in svd_layers(model)}
-                full = sum(m.full_rank for _, m in svd_layers(model))
-                row["ranks"] = layer_ranks
-                row["rank_fraction"] = sum(layer_ranks.values()) / full
+            row = self._metrics_row(phase, epoch, model, lr, sums, (test_loss, test_acc), times)
             # The row first: a crash before the checkpoint leaves an extra row, which resume
             # trims; the other order would lose the row of a checkpointed epoch.
-            self._metrics(row)
-            self._save(
-                {
-                    "format": 1,
-                    "phase": phase.name,
-                    "epoch": epoch + 1,
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "rng": checkpoint.get_rng_state(),
-                    "svd_training": st.state_dict() if st is not None else None,
-                    "config": self.cfg,
-                    "results": self.results,
-                    "info": self.info,
-                    "wall_time_s": self.wall_time(),
-                },
-                CHECKPOINT,
-            )
-            self.saved = (phase.name, epoch + 1)
+            self.files.append_metrics(row)
+            self.files.save_checkpoint(self._checkpoint(phase, epoch, model, opt, sched, st))
             if self.show_bars:
                 self.log(
                     f"{phase.name:>12} {epoch + 1:3d}/{epochs}  loss {row['loss']:.4f}  "
                     f"train {row['train_accuracy']:.2%}  test {test_acc:.2%}  lr {lr:.2g}  "
                     f"{row['seconds']:.1f}s"
                 )
-            self.epochs_run += 1
-            if cfg.get("stop_after_epochs") and self.epochs_run >= cfg["stop_after_epochs"]:
-                # Simulates a crash right after a checkpoint (for the resume tests).
-                env.barrier()
-                sys.stdout.flush()
-                os._exit(75)
+
+    def _optimizer(
+        self, model: nn.Module, epochs: int, state: dict[str, Any] | None
+    ) -> tuple[torch.optim.Optimizer, Any]:
+        """A phase's optimizer and LR schedule over `epochs`: fresh, or as in `state`."""
+        opt = _make_optimizer(model.parameters(), self.cfg)
+        sched = _make_scheduler(opt, self.cfg, epochs)
+        if state is not None:
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+        return opt, sched
+
+    def _start_svd_training(
+        self,
+        model: nn.Module,
+        opt: torch.optim.Optimizer,
+        phase: Phase,
+        state: dict[str, Any] | None,
+        epochs: int,
+        steps: int,
+    ) -> SVDTraining | None:
+        """An SVD phase's SVDTraining as `state` left it (the forms in force, the cuts so
+        far), or new with the forms tuned now under --tune-forms; None in a dense phase."""
+        if not phase.svd:
+            return None
+        st = self._svd_training(model, opt, phase, epochs * steps, steps)
+        if state is not None and state.get("svd_training"):
+            st.load_state_dict(state["svd_training"])
+        elif st.tune_forms:
+            st.tune()
+        return st
+
+    def _count_seconds(self, phase: Phase, wall: float, cpu: float) -> None:
+        """Add an epoch's training time to the phase's (the run's info keeps them)."""
+        for key, value in (("phase_seconds", wall), ("phase_cpu_seconds", cpu)):
+            per_phase = self.info[key]
+            per_phase[phase.name] = per_phase.get(phase.name, 0.0) + value
+
+    def _metrics_row(
+        self,
+        phase: Phase,
+        epoch: int,
+        model: nn.Module,
+        lr: float,
+        sums: dict[str, float],
+        test: tuple[float, float],
+        times: dict[str, float],
+    ) -> dict[str, Any]:
+        """An epoch's row of metrics.jsonl: the means of its loss terms over the samples,
+        train and test figures, its times, and an SVD phase's ranks."""
+        n = max(sums["count"], 1)
+        row = {
+            "phase": phase.name,
+            "epoch": epoch + 1,
+            "lr": lr,
+            "loss": sums["loss"] / n,
+            "task_loss": sums["task"] / n,
+            "orth": sums["orth"] / n,
+            "sparsity": sums["sparsity"] / n,
+            "nuclear": sums["nuclear"] / n,
+            "train_accuracy": sums["correct"] / max(sums["predicted"], 1),
+            "test_loss": test[0],
+            "test_accuracy": test[1],
+            **times,
+        }
+        if phase.svd:
+            layer_ranks = {name: m.rank for name, m in svd_layers(model)}
+            full = sum(m.full_rank for _, m in svd_layers(model))
+            row["ranks"] = layer_ranks
+            row["rank_fraction"] = sum(layer_ranks.values()) / full
+        return row
+
+    def _checkpoint(
+        self,
+        phase: Phase,
+        epoch: int,
+        model: nn.Module,
+        opt: torch.optim.Optimizer,
+        sched: Any,
+        st: SVDTraining | None,
+    ) -> dict[str, Any]:
+        """Everything a resumed run needs to go on after `epoch` of `phase` exactly."""
+        return {
+            "format": 1,
+            "phase": phase.name,
+            "epoch": epoch + 1,
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "rng": checkpoint.get_rng_state(),
+            "svd_training": st.state_dict() if st is not None else None,
+            "config": self.cfg,
+            "results": self.results,
+            "info": self.info,
+            "wall_time_s": self.wall_time(),
+        }
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         """The module the training step calls: DDP across processes, torch.compile'd with
@@ -738,7 +551,6 @@ class Pipeline:
         sums = dict.fromkeys(
             ("loss", "task", "orth", "sparsity", "nuclear", "correct", "count", "predicted"), 0.0
         )
-        penalty = st is not None and (cfg["orth"] > 0 or st.regularizer.strength > 0)
         bar = tqdm(
             total=steps,
             desc=f"{phase.name} {epoch + 1}/{epochs}",
@@ -750,18 +562,11 @@ class Pipeline:
             self.ds, cfg["batch_size"], cfg["seed"], index, epoch, env.device, env.rank, env.world
         )
         # One compose for every SVD layer per step; a compiled model composes its own.
-        grouped = contextlib.nullcontext if self.cfg.get("compile") else svdkern.grouped_compose
+        grouped = contextlib.nullcontext if cfg.get("compile") else svdkern.grouped_compose
         for i, (x, y) in enumerate(batches):
             with grouped(model):
                 out = net(x)
-            terms = {"task": F.cross_entropy(out.flatten(0, -2), y.flatten())}
-            loss = terms["task"]
-            if penalty:
-                loss = loss + st.penalty()
-                terms.update(orth=st.last_terms["orth"], sparsity=st.last_terms["sparsity"])
-            if phase.trp and cfg["trp_nuclear"] > 0:
-                terms["nuclear"] = baselines.nuclear_norm(model, cfg["decomposition"])
-                loss = loss + cfg["trp_nuclear"] * terms["nuclear"]
+            loss, terms = self._loss(phase, model, st, out, y)
             value = loss.detach().clone()
             if env.world > 1:
                 dist.all_reduce(value)
@@ -796,11 +601,33 @@ class Pipeline:
         keys = sorted(sums)
         return dict(zip(keys, _all_sum([sums[k] for k in keys], env), strict=True))
 
+    def _loss(
+        self,
+        phase: Phase,
+        model: nn.Module,
+        st: SVDTraining | None,
+        out: torch.Tensor,
+        y: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """A step's loss and its terms: the task's cross-entropy, an SVD phase's penalty
+        (λ_o·orth + λ_s·sparsity), TRP's nuclear norm."""
+        cfg = self.cfg
+        terms = {"task": F.cross_entropy(out.flatten(0, -2), y.flatten())}
+        loss = terms["task"]
+        if st is not None and (cfg["orth"] > 0 or st.regularizer.strength > 0):
+            loss = loss + st.penalty()
+            terms.update(orth=st.last_terms["orth"], sparsity=st.last_terms["sparsity"])
+        if phase.trp and cfg["trp_nuclear"] > 0:
+            terms["nuclear"] = baselines.nuclear_norm(model, cfg["decomposition"])
+            loss = loss + cfg["trp_nuclear"] * terms["nuclear"]
+        return loss, terms
+
     # -- the run ----------------------------------------------------------------------
 
     def finish_phase(self, name: str, model: nn.Module) -> None:
+        """Measure a trained phase's model, record it as the phase's result and save it."""
         phase = PHASES[name]
-        result = self.measure(model)
+        result = measure(model, self.ds, self.example, self.cfg["decomposition"])
         # Wall-clock, and the process's CPU time (less sensitive to a busy machine's load).
         for key, per_phase in (
             ("train_seconds", "phase_seconds"),
@@ -816,7 +643,7 @@ class Pipeline:
                     extra["loss_before_finetune"]
                 )
         self.results[phase.result] = result
-        self._save(
+        self.files.save(
             {
                 "model": model.state_dict(),
                 "config": self.cfg,
@@ -840,17 +667,12 @@ class Pipeline:
         if self.resume is not None:
             first = self.phases.index(self.resume["phase"])
             state = self.resume
-            self._trim_metrics(first, state["epoch"])
+            at = (first, state["epoch"])
+            self.files.trim_metrics(lambda row: self._position(row) <= at)
         for index in range(first, len(self.phases)):
             name = self.phases[index]
-            phase = PHASES[name]
             if state is not None:
-                model = self.skeleton(svd=phase.svd)
-                if phase.svd:
-                    svdkern.load_state_dict(model, state["model"])
-                else:
-                    model.load_state_dict(state["model"])
-                model.to(self.env.device)
+                model = self._resumed_model(name, state)
             else:
                 model = self.start_model(name)
             self.train_phase(index, model, state)
@@ -858,85 +680,16 @@ class Pipeline:
             self.finish_phase(name, model)
         return self.results
 
-    # -- the report -------------------------------------------------------------------
+    def _position(self, row: dict[str, Any]) -> tuple[int, int]:
+        """(phase index, epoch) of a metrics row, in the order the run trains them."""
+        return self.phases.index(row["phase"]), row["epoch"]
 
-    def finalize(self) -> dict[str, Any]:
-        """Compress the run's final model, time it against dense, write report and plots."""
-        cfg, env = self.cfg, self.env
-        final = FINAL[cfg["method"]]
-        latency = None
-        batches = [1, min(256, len(self.ds.y_test))]
-        inputs = {b: self.ds.normalize(self.ds.x_test[:b].to(env.device)) for b in batches}
-        policy = cfg.get("compress_policy", "flops")
-
-        def deploy(model: nn.Module) -> nn.Module:
-            if policy != "latency":
-                return svdkern.compress(model, policy, example_inputs=(self.example,)).eval()
-            if self.ds.task == "lm":
-                # Token ids cannot be drawn as random floats: timed at the largest batch.
-                example = (inputs[batches[-1]],)
-                return svdkern.compress(model, policy, example_inputs=example).eval()
-            shapes = [x.shape for x in inputs.values()]
-            return svdkern.compress(model, policy, input_shape=shapes).eval()
-
-        # Every trained model, loaded once, in its deployed form (compressed unless it is
-        # dense), the final one compressed once and shared with the "compressed" result, all
-        # timed interleaved in one measurement, so the report's figures compare like with like.
-        trained: dict[str, nn.Module] = {}
-        deployed: dict[str, nn.Module] = {}
-        for name in self.results:
-            if name == "compressed":
-                continue
-            svd = name not in ("dense", "trp_trained")
-            trained[name] = self.load_result(name, svd=svd)
-            deployed[name] = deploy(trained[name]) if svd else trained[name].eval()
-        ms: dict[str, list[float]] = {name: [] for name in deployed}
-        for b in batches:
-            for name, value in report.measure_latencies(deployed, inputs[b]).items():
-                ms[name].append(value)
-        for name in deployed:
-            self.results[name]["latency_ms"] = {
-                str(b): v for b, v in zip(batches, ms[name], strict=True)
-            }
-        if final != "dense":
-            compressed = deployed[final]
-            self.results["compressed"] = self.measure(compressed)
-            for key in ("ranks", "full_ranks", "train_seconds", "train_cpu_seconds", "latency_ms"):
-                self.results["compressed"][key] = self.results[final][key]
-            self.results["compressed"]["from"] = final
-            self.results["compressed"]["forms"] = _deployed_forms(trained[final], compressed)
-            latency = {
-                "device": str(env.device),
-                "batches": batches,
-                "ms": {"dense": ms["dense"], "compressed": ms[final]},
-                "policy": policy,
-            }
-        spec = {}
-        if "svd" in self.results:
-            spec = {
-                "before": spectra(trained["dense"], cfg["decomposition"]),
-                "after": spectra(trained["svd"], cfg["decomposition"]),
-            }
-        doc = {
-            "models": self.results,
-            "config": {k: v for k, v in cfg.items() if k != "stop_after_epochs"},
-            "latency": latency,
-            "prune": self.info,
-            "spectra": spec,
-            "environment": {
-                "device": str(env.device),
-                "processes": env.world,
-                "torch": torch.__version__,
-                "backend": svdkern.backend(),
-                "train_size": len(self.ds.y_train),
-                "test_size": len(self.ds.y_test),
-                "wall_time_s": self.wall_time(),
-                "phase_seconds": self.info.get("phase_seconds", {}),
-                "phase_cpu_seconds": self.info.get("phase_cpu_seconds", {}),
-            },
-        }
-        rows = []
-        if (self.dir / METRICS).exists():
-            rows = [row for _, row in read_metrics(self.dir / METRICS)]
-        self.written = report.write_report(self.dir, doc, epochs=rows)
-        return doc
+    def _resumed_model(self, name: str, state: dict[str, Any]) -> nn.Module:
+        """The model of phase `name` as checkpointed in `state` (SVD layers at its ranks)."""
+        svd = PHASES[name].svd
+        model = self.skeleton(svd=svd)
+        if svd:
+            svdkern.load_state_dict(model, state["model"])
+        else:
+            model.load_state_dict(state["model"])
+        return model.to(self.env.device)

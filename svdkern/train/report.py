@@ -1,4 +1,4 @@
-"""Reports of `svdkern train` (report.json, report.md, plots) and `svdkern compare`.
+"""Reports of `svdkern train` (`finalize`: report.json, report.md, plots) and `svdkern compare`.
 
 report.json::
 
@@ -23,17 +23,24 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+import svdkern
 from svdkern.train import plots
+from svdkern.train.measure import deployed_forms, measure, spectra
+from svdkern.train.recipe import FINAL, PHASES, PRUNED, RESULTS
 from svdkern.tune import time_models
+
+if TYPE_CHECKING:
+    from svdkern.train.loop import Pipeline
 
 __all__ = [
     "ReportError",
     "compare",
+    "finalize",
     "format_table",
     "measure_latencies",
     "write_report",
@@ -51,15 +58,8 @@ ORDER = (
     "trp",
 )
 DESCRIPTIONS = {
-    "dense": "dense model",
-    "svd": "SVD-trained, before pruning",
-    "pruned": "SVD-trained, pruned + fine-tuned",
+    **{p.result: p.description for p in PHASES.values()},
     "compressed": "pruned model compressed to plain torch layers",
-    "posthoc": "post-hoc truncated SVD of dense at the same MACs + fine-tuned",
-    "trp_trained": "TRP-trained dense weights (low rank), before decomposition",
-    "trp": "TRP, decomposed, pruned + fine-tuned",
-    "adaptive_svd": "SVD-trained from a fresh SVD model with rank cuts, before the final prune",
-    "adaptive": "SVD-trained with rank cuts, pruned + fine-tuned (svd-adaptive)",
 }
 
 
@@ -255,6 +255,87 @@ def _markdown(report: dict[str, Any], pictures: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def finalize(run: Pipeline) -> tuple[dict[str, Any], dict[str, Path]]:
+    """The end of a run: every trained model loaded once and deployed (the SVD ones by
+    `svdkern.compress` with --compress-policy), all timed interleaved in one measurement so
+    the figures compare like with like, the final model's deployed form measured as the
+    "compressed" result; then report.json, report.md and the plots are written. Returns the
+    report and the written paths."""
+    cfg, env, ds = run.cfg, run.env, run.ds
+    final = FINAL[cfg["method"]]
+    batches = [1, min(256, len(ds.y_test))]
+    inputs = {b: ds.normalize(ds.x_test[:b].to(env.device)) for b in batches}
+    trained: dict[str, nn.Module] = {}
+    deployed: dict[str, nn.Module] = {}
+    for name in run.results:
+        if name == "compressed":
+            continue
+        trained[name] = run.load_result(name)
+        svd = RESULTS[name].svd
+        deployed[name] = _deploy(run, trained[name], inputs) if svd else trained[name].eval()
+    ms: dict[str, list[float]] = {name: [] for name in deployed}
+    for b in batches:
+        for name, value in measure_latencies(deployed, inputs[b]).items():
+            ms[name].append(value)
+    for name in deployed:
+        run.results[name]["latency_ms"] = {
+            str(b): v for b, v in zip(batches, ms[name], strict=True)
+        }
+    latency = None
+    if final != "dense":
+        compressed = deployed[final]
+        result = measure(compressed, ds, run.example, cfg["decomposition"])
+        for key in ("ranks", "full_ranks", "train_seconds", "train_cpu_seconds", "latency_ms"):
+            result[key] = run.results[final][key]
+        result["from"] = final
+        result["forms"] = deployed_forms(trained[final], compressed)
+        run.results["compressed"] = result
+        latency = {
+            "device": str(env.device),
+            "batches": batches,
+            "ms": {"dense": ms["dense"], "compressed": ms[final]},
+            "policy": cfg.get("compress_policy", "flops"),
+        }
+    spec = {}
+    if "svd" in run.results:
+        spec = {
+            "before": spectra(trained["dense"], cfg["decomposition"]),
+            "after": spectra(trained["svd"], cfg["decomposition"]),
+        }
+    doc = {
+        "models": run.results,
+        "config": cfg,
+        "latency": latency,
+        "prune": run.info,
+        "spectra": spec,
+        "environment": {
+            "device": str(env.device),
+            "processes": env.world,
+            "torch": torch.__version__,
+            "backend": svdkern.backend(),
+            "train_size": len(ds.y_train),
+            "test_size": len(ds.y_test),
+            "wall_time_s": run.wall_time(),
+            "phase_seconds": run.info.get("phase_seconds", {}),
+            "phase_cpu_seconds": run.info.get("phase_cpu_seconds", {}),
+        },
+    }
+    return doc, write_report(run.dir, doc, epochs=run.files.metrics())
+
+
+def _deploy(run: Pipeline, model: nn.Module, inputs: dict[int, torch.Tensor]) -> nn.Module:
+    """`model` compressed by --compress-policy, in eval mode: the latency policy times it at
+    the report's batches (a language model at the largest: token ids cannot be drawn as
+    random floats), the others count MACs at the run's example input."""
+    policy = run.cfg.get("compress_policy", "flops")
+    if policy != "latency":
+        return svdkern.compress(model, policy, example_inputs=(run.example,)).eval()
+    if run.ds.task == "lm":
+        return svdkern.compress(model, policy, example_inputs=(inputs[max(inputs)],)).eval()
+    shapes = [x.shape for x in inputs.values()]
+    return svdkern.compress(model, policy, input_shape=shapes).eval()
+
+
 def write_report(
     run_dir: Path, report: dict[str, Any], epochs: list[dict[str, Any]] = ()
 ) -> dict[str, Path]:
@@ -274,9 +355,7 @@ def write_report(
         )
         pictures["singular values per layer"] = "spectra.png"
     full = next((m["full_ranks"] for m in models.values() if m.get("full_ranks")), None)
-    pruned = {
-        k: models[k]["ranks"] for k in ("pruned", "adaptive", "posthoc", "trp") if k in models
-    }
+    pruned = {k: models[k]["ranks"] for k in PRUNED if k in models}
     if full and pruned:
         written["ranks"] = plots.plot_ranks(full, pruned, run_dir / "ranks.png")
         pictures["rank per layer"] = "ranks.png"

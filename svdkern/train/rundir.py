@@ -1,4 +1,7 @@
-"""The run directory: one run at a time, leftovers of dead runs, directories to reuse.
+"""The run directory: what a run writes there, one run at a time, leftovers of dead runs.
+
+A run writes checkpoint.pt after every epoch, each phase's model file (`<result>.pt`), one
+metrics.jsonl row per epoch (`RunFiles`), and at the end its report.
 
 A run holds an exclusive `fcntl.flock` on `RUN/.lock` for its whole life (under torchrun,
 process 0 only) with `pid host start-time` written in it. The kernel drops the lock when
@@ -12,19 +15,41 @@ from __future__ import annotations
 import datetime
 import errno
 import fcntl
+import json
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from svdkern.train import checkpoint
 
-__all__ = ["LOCK", "RunDirError", "RunLock", "claim", "remove_dead_temp_files", "unique_dir"]
+__all__ = [
+    "CHECKPOINT",
+    "LOCK",
+    "METRICS",
+    "RunDirError",
+    "RunFiles",
+    "RunLock",
+    "TrainingError",
+    "claim",
+    "read_metrics",
+    "remove_dead_temp_files",
+    "unique_dir",
+]
 
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
 LOCK = ".lock"
 
 
 class RunDirError(ValueError):
     """A run directory that cannot be used; the message names it and what to do."""
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (non-finite loss, unusable checkpoint, failed write); the
+    message says why."""
 
 
 def _why(exc: OSError) -> str:
@@ -131,3 +156,90 @@ def remove_dead_temp_files(directory: str | os.PathLike) -> list[Path]:
         path.unlink(missing_ok=True)
         removed.append(path)
     return removed
+
+
+def read_metrics(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The rows of metrics.jsonl as (line, row). A last line cut short (a crash or a full disk
+    in the middle of a write) is dropped; a damaged line before it is an error naming it."""
+    text = path.read_text(errors="replace")
+    lines = text.split("\n")
+    out = []
+    for number, line in enumerate(lines, start=1):
+        if not line:
+            continue
+        if number == len(lines):  # no newline after it: the write did not finish
+            break
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict) or "phase" not in row or "epoch" not in row:
+            raise TrainingError(
+                f"{path}, line {number}: not a metrics row; remove that line (or the run "
+                "directory) and resume again"
+            )
+        out.append((line, row))
+    return out
+
+
+class RunFiles:
+    """What a run writes into its directory: checkpoints and phase files (atomic) and
+    metrics.jsonl rows. Only the process that owns the directory writes (`write`; process 0
+    under torchrun). A failed write (disk full, read-only file system) raises TrainingError
+    naming the file and the cause, and which checkpoint is intact to resume from."""
+
+    def __init__(self, directory: Path, write: bool, saved: tuple[str, int] | None = None):
+        self.directory = directory
+        self.write = write
+        # (phase, epoch) of the checkpoint on disk, for the message of a failed write.
+        self.saved = saved
+
+    def save(self, obj: Any, name: str) -> None:
+        """Write `obj` (torch.save) to `name` atomically."""
+        if self.write:
+            try:
+                checkpoint.save_atomic(obj, self.directory / name)
+            except OSError as exc:
+                raise self._write_failed(exc, self.directory / name) from None
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        """Write checkpoint.pt: `state` holds the "phase" and "epoch" it was taken at."""
+        self.save(state, CHECKPOINT)
+        self.saved = (state["phase"], state["epoch"])
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        """Append one row (an epoch's figures) to metrics.jsonl."""
+        if self.write:
+            try:
+                with open(self.directory / METRICS, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            except OSError as exc:
+                raise self._write_failed(exc, self.directory / METRICS) from None
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """The rows of metrics.jsonl ([] before the first)."""
+        path = self.directory / METRICS
+        return [row for _, row in read_metrics(path)] if path.exists() else []
+
+    def trim_metrics(self, keep: Callable[[dict[str, Any]], bool]) -> None:
+        """Keep only the rows of metrics.jsonl that `keep` accepts (a resumed run drops those
+        written after the checkpoint it starts from), and a cut last line drops too."""
+        path = self.directory / METRICS
+        if not self.write or not path.exists():
+            return
+        kept = "".join(line + "\n" for line, row in read_metrics(path) if keep(row))
+        try:
+            checkpoint.write_atomic(path, kept.encode())
+        except OSError as exc:
+            raise self._write_failed(exc, path) from None
+
+    def _write_failed(self, exc: OSError, path: Path) -> TrainingError:
+        if self.saved is not None:
+            where = (
+                f"the previous {self.directory / CHECKPOINT} is intact ({self.saved[0]}, epoch "
+                f"{self.saved[1]}): make room and continue with --resume {self.directory}"
+            )
+        else:
+            where = f"no checkpoint yet: make room and start again with --resume {self.directory}"
+        cause = exc.strerror or str(exc)
+        return TrainingError(f"cannot write {exc.filename or path}: {cause}; {where}")
