@@ -9,6 +9,10 @@ TORCH   ?= torch==2.13.0
 # Tests are many small ops: one thread each keeps the subprocess tests (CLI, DDP) from
 # oversubscribing the cores.
 PYTEST  := OMP_NUM_THREADS=1 $(PYTHON) -m pytest
+# The suites run in parallel processes (pytest-xdist), one per core (`make test JOBS=1`: one
+# process), and list their slowest tests.
+JOBS    ?= $(shell nproc 2>/dev/null || echo 2)
+XDIST   := -n $(JOBS) --durations=15
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp)
 export MAX_JOBS ?= 2
 
@@ -35,7 +39,7 @@ COMPAT_PYTHON ?= $(shell for p in python3.12 $(wildcard /root/.pyenv/versions/3.
 # outside its fresh clone, so an unchanged kernel is compiled once per machine).
 KERNEL_CACHE  ?= $(CURDIR)/$(COMPAT_DIR)/triton-cache
 
-.PHONY: demo test test-cpu test-interp test-compat kernel-check gpu-check gpu-prebuilt gpu-cache \
+.PHONY: demo test test-full test-cpu test-interp test-compat kernel-check gpu-check gpu-prebuilt gpu-cache \
         gpu-test gpu-bench test-gpu bench-gpu bench lint install clean compat-build mutants
 
 # The backend and every op against the reference, then the whole pipeline on digits.
@@ -45,15 +49,20 @@ demo: $(VENV)/.installed
 
 test: test-cpu test-interp
 
+# The same, with every property test's whole hypothesis budget (`make test` runs a third of
+# it; tests/conftest.py `budget`): a longer, nightly-style run.
+test-full:
+	SVDKERN_FULL_HYPOTHESIS=1 $(MAKE) test
+
 # The whole CPU suite: C++ kernels, autograd, opcheck, compile, modules, CLI, DDP, resume.
 # SVDKERN_REQUIRE_DEV: the dev dependencies (transformers) are installed here, so a test
 # module needing one fails rather than skips when it is missing.
 test-cpu: $(VENV)/.installed
-	SVDKERN_REQUIRE_DEV=1 $(PYTEST) -q
+	SVDKERN_REQUIRE_DEV=1 $(PYTEST) -q $(XDIST)
 
 # The Triton kernels on CPU tensors through the same ops (TRITON_INTERPRET=1), small shapes.
 test-interp: $(VENV)/.installed
-	TRITON_INTERPRET=1 SVDKERN_BACKEND=triton $(PYTEST) -q -m interp
+	TRITON_INTERPRET=1 SVDKERN_BACKEND=triton $(PYTEST) -q -m interp $(XDIST)
 
 # The CPU and interpreter suites on the oldest supported stack (Python 3.12, torch 2.11.0,
 # triton 3.6.0). Skipped (a stamp) when nothing in the tree changed since it last passed.
@@ -62,9 +71,10 @@ test-compat: compat-build
 	if [ -f $(COMPAT_DIR)/.passed-$$hash ]; then \
 		echo "test-compat: this tree already passed ($(COMPAT_DIR)/.passed-$$hash)"; exit 0; fi; \
 	cd $(COMPAT_SRC) && \
-	SVDKERN_REQUIRE_DEV=1 OMP_NUM_THREADS=1 $(COMPAT_PY) -m pytest -q -p no:cacheprovider && \
+	SVDKERN_REQUIRE_DEV=1 OMP_NUM_THREADS=1 $(COMPAT_PY) -m pytest -q -p no:cacheprovider \
+		$(XDIST) && \
 	TRITON_INTERPRET=1 SVDKERN_BACKEND=triton OMP_NUM_THREADS=1 \
-		$(COMPAT_PY) -m pytest -q -p no:cacheprovider -m interp \
+		$(COMPAT_PY) -m pytest -q -p no:cacheprovider -m interp $(XDIST) \
 		-W "ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning" && \
 	rm -f ../.passed-* && touch ../.passed-$$hash
 

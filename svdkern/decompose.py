@@ -536,7 +536,7 @@ def decompose(
 
     Args:
         model: the model; modified in place.
-        decomposition: "channel" or "spatial", for the 2-D convolutions (DESIGN.md §4).
+        decomposition: "channel" or "spatial", for the 2-D convolutions (docs/ARCHITECTURE.md §4).
         skip: one entry or a list mixing qualified names as in `model.named_modules()`
             (unknown names raise), globs matched with fnmatch on qualified names
             ("*.attn.*", "lm_head"; a glob matching no module raises), module types

@@ -1,7 +1,8 @@
 """Singular-value pruning of SVD layers: per-layer energy threshold or a global FLOPs target.
 
-Energy rule (DESIGN.md §1), per layer: sort s² descending and keep the smallest k ≥ 1 with
-Σ_{i≤k} s_i² ≥ (1 − ε)·Σ_i s_i²; U, s, V are sliced to those k triplets (the largest |s|).
+Energy rule (docs/ARCHITECTURE.md §1), per layer: sort s² descending and keep the smallest
+k ≥ 1 with Σ_{i≤k} s_i² ≥ (1 − ε)·Σ_i s_i²; U, s, V are sliced to those k triplets (the
+largest |s|).
 
 Example::
 

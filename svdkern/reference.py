@@ -4,7 +4,7 @@ Every kernel (C++ CPU, Triton CUDA) and every benchmark is compared against
 these functions. They are written for clarity, not speed, and use only
 differentiable torch operations, so autograd gives their gradients.
 
-Math (DESIGN.md §1, §3), for a layer with U (m×r), s (r,), V (n×r):
+Math (docs/ARCHITECTURE.md §1, §3), for a layer with U (m×r), s (r,), V (n×r):
 
     compose(U, s, V)             = (U·diag(s))·Vᵀ                    (m×n)
     lowrank_linear(x, U, s, V, b) = ((x·V)·diag(s))·Uᵀ + b            (..., m)

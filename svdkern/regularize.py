@@ -1,6 +1,6 @@
 """The SVD-training regularizer: orthogonality and sparsity of all SVD layers at once.
 
-    orth     = Σ_layers (‖UᵀU − I‖²_F + ‖VᵀV − I‖²_F) / r²       (DESIGN.md §1)
+    orth     = Σ_layers (‖UᵀU − I‖²_F + ‖VᵀV − I‖²_F) / r²       (docs/ARCHITECTURE.md §1)
     sparsity = Σ_layers R(s),  R ∈ {‖s‖₁, ‖s‖₁/‖s‖₂, ‖s‖₁²/‖s‖₂²}
     total    = λ_o · orth + λ_s · sparsity
 

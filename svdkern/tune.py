@@ -1,6 +1,6 @@
 """Measured form selection: time each SVD layer's candidate forms and fix the fastest.
 
-MACs do not predict time for thin layers (DESIGN.md §5.1): on a 2-core CPU a 16-channel
+MACs do not predict time for thin layers (docs/ARCHITECTURE.md §6): on a 2-core CPU a 16-channel
 3×3 conv at 32×32, batch 32, is no faster as the rank-4 chain than dense although it has
 a quarter of the MACs. `tune_forms` therefore runs every SVD layer's candidates on the
 model's device, at the layer's current rank and at the input shape it sees:

@@ -38,6 +38,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 INTERP_BUG = "only 0-dimensional arrays can be converted to Python scalars"
 
 
+# Hypothesis budgets: `make test` runs a third of each property test's examples (at least
+# 10, derandomized where the test says so); `make test-full` (SVDKERN_FULL_HYPOTHESIS=1) the
+# whole budget, as a nightly run would.
+FULL_HYPOTHESIS = os.environ.get("SVDKERN_FULL_HYPOTHESIS") == "1"
+
+
+def budget(examples: int) -> int:
+    """The number of examples a property test runs in this session (see FULL_HYPOTHESIS)."""
+    return examples if FULL_HYPOTHESIS else max(10, examples // 3)
+
+
 def cli_env() -> dict[str, str]:
     """The environment of a subprocess running svdkern: this checkout first on PYTHONPATH
     and one thread per process (the tests share a small machine)."""

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from conftest import budget
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -767,9 +768,11 @@ def test_autocast_runs_matmul_ops_in_autocast_dtype_and_losses_in_fp32():
 # program in Python, so it gets fewer and smaller sizes (still several tiles: > 32 rows, > 64
 # columns).
 FUZZ = settings(
-    max_examples=15 if TRITON_CPU else 120, deadline=None, suppress_health_check=list(HealthCheck)
+    max_examples=budget(15 if TRITON_CPU else 120),
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
 )
-FUZZ_SINGLE = settings(FUZZ, max_examples=40 if TRITON_CPU else 150)
+FUZZ_SINGLE = settings(FUZZ, max_examples=budget(40 if TRITON_CPU else 150))
 SIZE = 72 if TRITON_CPU else 96
 
 

@@ -268,6 +268,20 @@ def test_resume_of_a_checkpoint_saved_with_the_retired_stop_key_goes_on(copy_of_
     assert "stop_after_epochs" not in saved and saved["seed"] == state["config"]["seed"]
 
 
+def test_resume_of_a_checkpoint_saved_before_the_size_and_epoch_flags_goes_on(
+    copy_of_stopped, finished
+):
+    # Runs saved before --seq-len, --width, --layers, --heads and --epoch-size existed ran
+    # with what those keys now default to: they resume with those values filled in.
+    path = copy_of_stopped / "checkpoint.pt"
+    state = checkpoint.load(path)
+    for key in ("seq_len", "width", "layers", "heads", "epoch_size"):
+        del state["config"][key]
+    checkpoint.save_atomic(state, path)
+    assert main(["train", "--resume", str(copy_of_stopped), "--quiet"]) == 0
+    assert _rows(copy_of_stopped) == _rows(finished)
+
+
 # --- unusable --out and --init ------------------------------------------------------------
 
 

@@ -217,3 +217,25 @@ def test_every_mutant_can_be_planted_and_names_existing_tests(m):
     for selection in m.tests:
         path = selection[0].split("::")[0]
         assert (ROOT / path).is_file(), f"{m.name}: {path} does not exist"
+
+
+def _layout_entries() -> list[str]:
+    """The paths listed in the README's Layout block."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("## Layout") :].split("```")[1]
+    return [line.split()[0] for line in block.strip().splitlines() if line.strip()]
+
+
+def test_the_readme_layout_lists_every_module_and_package_of_the_tree():
+    listed = set(_layout_entries())
+    package = ROOT / "svdkern"
+    present = {
+        f"svdkern/{p.name}" if p.is_file() else f"svdkern/{p.name}/"
+        for p in package.iterdir()
+        if (p.suffix == ".py" and p.name != "__init__.py")
+        or (p.is_dir() and (p / "__init__.py").exists())
+    }
+    assert present - listed == set(), "modules missing from the README's Layout"
+    stale = {e for e in listed if e.startswith("svdkern/") and not (ROOT / e).exists()}
+    assert stale == set(), "README's Layout lists paths that do not exist"
+    assert (ROOT / "docs" / "ARCHITECTURE.md").is_file()

@@ -2,7 +2,7 @@
 rank cuts.
 
 A layer keeps its weight, viewed as a matrix W (m × n), as W = U·diag(s)·Vᵀ with
-parameters U (m × r), s (r,), V (n × r) and an optional bias (DESIGN.md §1, §4).
+parameters U (m × r), s (r,), V (n × r) and an optional bias (docs/ARCHITECTURE.md §1, §4).
 `forward` either composes W with `svdkern.ops.compose` and runs the dense layer,
 or runs the low-rank chain (x·V, scale by s, ·Uᵀ) without forming W, whichever
 costs fewer multiply-accumulates (MACs) for the input at hand, unless a form measured

@@ -332,13 +332,23 @@ def _train(
             f"the number of processes ({world})"
         )
     try:
-        ds = load_dataset(cfg["data"], cfg.get("data_dir"), seq_len=cfg["seq_len"])
+        ds = load_dataset(
+            cfg["data"],
+            cfg.get("data_dir"),
+            seq_len=cfg["seq_len"],
+            epoch_size=cfg.get("epoch_size"),
+        )
     except DataError as exc:
         parser.error(f"argument --data-dir: {exc}")
     if len(ds.y_train) < cfg["batch_size"]:
         parser.error(
             f"argument --batch-size: {cfg['batch_size']} is larger than the training set "
             f"({len(ds.y_train)} samples)"
+        )
+    if ds.epoch_size is not None and ds.epoch_size < cfg["batch_size"]:
+        parser.error(
+            f"argument --epoch-size: {ds.epoch_size} samples make no batch of --batch-size "
+            f"{cfg['batch_size']}; use at least one batch per epoch"
         )
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])

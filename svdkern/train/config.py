@@ -83,6 +83,9 @@ RUNTIME_KEYS = ("resume", "config", "quiet", "out")
 # Keys that older versions saved in a run's configuration and that mean nothing now: dropped
 # when such a run resumes.
 _RETIRED_KEYS = ("stop_after_epochs",)
+# Keys added since runs were first saved, with the value that an older run ran with: filled
+# in when such a run resumes.
+_ADDED_KEYS = {"seq_len": 64, "width": None, "layers": None, "heads": None, "epoch_size": None}
 
 
 class ConfigError(ValueError):
@@ -270,6 +273,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "shortcuts), resnet18 (CIFAR variant), gpt2-tiny (a GPT-2 byte-level language "
         "model from a transformers config, random init; --width, --layers, --heads). "
         "Default: cnn for digits, resnet20 for cifar10, mlp for synthetic, gpt2-tiny for text",
+    )
+    g.add_argument(
+        "--epoch-size",
+        type=_pos_int,
+        help="training samples per epoch: each epoch a fresh random subset of this many "
+        "(default: the whole training set; text: 1600 windows, 100 steps of batch 16, so "
+        "that cuts and the schedule act every 100 steps)",
     )
     g.add_argument(
         "--seq-len",
@@ -619,6 +629,8 @@ def check_saved(cfg: dict, source: str) -> dict:
         )
     for key in _RETIRED_KEYS:
         cfg.pop(key, None)
+    for key, value in _ADDED_KEYS.items():
+        cfg.setdefault(key, value)
     parser = argparse.ArgumentParser(add_help=False)
     add_train_arguments(parser)
     actions = {action.dest: action for action in parser._actions}
@@ -662,6 +674,8 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("model", "dense_epochs", "svd_epochs", "finetune_epochs", "batch_size"):
         if cfg.get(key) is None:
             cfg[key] = defaults[key]
+    if cfg.get("epoch_size") is None:
+        cfg["epoch_size"] = defaults.get("epoch_size")
     if adaptive_svd:
         # SVD training and fine-tuning together take as many epochs as dense training.
         cfg["svd_epochs"] = max(cfg["dense_epochs"] - cfg["finetune_epochs"], 0)

@@ -101,6 +101,9 @@ class Dataset:
     source: str = ""
     train_files: tuple[str, ...] = ()
     test_files: tuple[str, ...] = ()
+    # Samples per training epoch (None: the whole training set): an epoch of a large set
+    # is then a fresh random subset of this many samples, keyed like the whole order.
+    epoch_size: int | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -140,11 +143,21 @@ def load_dataset(
     *,
     seq_len: int = SEQ_LEN,
     max_bytes: int = MAX_BYTES,
+    epoch_size: int | None = None,
 ) -> Dataset:
     """`digits`, `cifar10` (from `data_dir`), `synthetic` or `text` (from `data_dir`, or the
     standard library's Python sources without it; windows of `seq_len` bytes from at most
     `max_bytes` bytes of text, see the module docstring). The image data sets ignore
-    `seq_len` and `max_bytes`."""
+    `seq_len` and `max_bytes`. `epoch_size`: samples per training epoch (default all)."""
+    ds = _load(name, data_dir, seq_len, max_bytes)
+    if epoch_size is not None:
+        if epoch_size < 1:
+            raise DataError(f"epoch_size must be a positive number of samples, got {epoch_size}")
+        ds.epoch_size = min(epoch_size, len(ds.y_train))
+    return ds
+
+
+def _load(name: str, data_dir: str | None, seq_len: int, max_bytes: int) -> Dataset:
     if name == "text":
         return _text(data_dir, seq_len=seq_len, max_bytes=max_bytes)
     if name == "digits":
@@ -564,7 +577,9 @@ def epoch_seed(seed: int, phase: int, epoch: int) -> int:
 
 
 def steps_per_epoch(ds: Dataset, batch_size: int) -> int:
-    return len(ds.y_train) // batch_size
+    """Optimizer steps of one epoch: the epoch's samples (all, or `ds.epoch_size`) // the
+    global batch."""
+    return (ds.epoch_size or len(ds.y_train)) // batch_size
 
 
 def _augment(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:

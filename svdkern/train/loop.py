@@ -157,7 +157,12 @@ class Pipeline:
         self.ds = (
             ds
             if ds is not None
-            else load_dataset(cfg["data"], cfg.get("data_dir"), seq_len=cfg["seq_len"])
+            else load_dataset(
+                cfg["data"],
+                cfg.get("data_dir"),
+                seq_len=cfg["seq_len"],
+                epoch_size=cfg.get("epoch_size"),
+            )
         )
         # One input (batch 1) at which MACs are counted: flops, prune, the cuts, compress.
         self.example = self.ds.example().to(env.device)
