@@ -30,7 +30,7 @@ TIME_COLUMNS = ("ms", "median_ms")
 # What a row of each result measures, for CSVs whose rows carry no `op` column.
 OPS = {"deploy_cpu": "deployed forward", "e2e_cpu": "training run"}
 # Columns shown after the fixed ones, for results whose rows are more than a time.
-EXTRA_COLUMNS = {"e2e_cpu": ("accuracy", "macs"), "deploy_cpu": ("macs",)}
+EXTRA_COLUMNS = {"e2e_cpu": ("accuracy", "bits_per_byte", "macs"), "deploy_cpu": ("macs",)}
 SHAPE_COLUMNS = (
     "scenario", "method", "seed", "batch", "rows", "m", "n", "r", "rho", "mode_form"
 )  # fmt: skip
@@ -137,8 +137,11 @@ TARGETS: list[Target] = [
            group_by=("scenario", "rho", "batch"), platform="CPU"),
     # The main job end to end (`svdkern train`, default data and model, one run per method)
     Target("svd-adaptive train_seconds ≤ 1.0× dense (same run), seeds 0-2", "e2e_cpu",
-           {"method": "svd-adaptive"}, 1.0, provider="adaptive", column="vs_dense",
-           group_by=("seed",), platform="CPU"),
+           {"method": "svd-adaptive", "scenario": "digits-cnn"}, 1.0, provider="adaptive",
+           column="vs_dense", group_by=("seed",), platform="CPU"),
+    Target("LM: svd-adaptive train_seconds ≤ 0.8× dense (same run), seeds 0-2", "e2e_cpu",
+           {"method": "svd-adaptive", "scenario": "text-gpt2-tiny"}, 0.8, provider="adaptive",
+           column="vs_dense", group_by=("seed",), platform="CPU"),
 ]  # fmt: skip
 
 
@@ -301,7 +304,10 @@ def result_table(rows: list[dict], baseline: str, stem: str = "") -> list[str]:
     result's `EXTRA_COLUMNS`."""
     norm = [normalize(r, stem) for r in rows]
     base = {(n["op"], n["shape"], n["dtype"]): n["ms"] for n in norm if n["provider"] == baseline}
-    extra = EXTRA_COLUMNS.get(stem, ())
+    # The result's extra columns that some row fills (a digits-only table has no bits/byte).
+    extra = [
+        c for c in EXTRA_COLUMNS.get(stem, ()) if any(r.get(c) not in (None, "") for r in rows)
+    ]
     header = ["op", "shape", "dtype", "provider", "ms", "ratio", *extra]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row, n in zip(rows, norm, strict=True):

@@ -99,9 +99,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _refuse_fsdp(model: nn.Module) -> None:
-    """FSDP shards U, s, V across processes; a cut needs each layer's whole s (the energy
-    rule) and a re-shard of the sliced parameters and optimizer state, which FSDP does not
-    offer for parameters replaced after wrapping."""
+    """Refuse an FSDP-sharded model. FSDP (FSDP2's fully_shard runs on CPU with gloo too)
+    keeps the parameters it sharded when it wrapped the model, as DTensors; a cut replaces
+    U, s, V by sliced parameters, which FSDP would not gather, reduce or shard, and
+    re-sharding them and their sharded optimizer state is not implemented."""
     fsdp = None
     for m in model.modules():
         kind = type(m).__name__
@@ -117,10 +118,10 @@ def _refuse_fsdp(model: nn.Module) -> None:
                 break
     if fsdp is not None:
         raise ValueError(
-            f"model is sharded ({fsdp}): SVDTraining cuts ranks of whole U, s, V, which FSDP "
-            "shards across processes; train SVD layers under DistributedDataParallel (the "
-            "factors are small: a rank-r layer holds r·(m + n + 1) values), or call "
-            "SVDTraining before sharding only if no cut will run (cut_every=None)"
+            f"model is sharded ({fsdp}): SVDTraining does not support FSDP (a rank cut "
+            "replaces U, s, V, which FSDP sharded when it wrapped the model); train the SVD "
+            "layers under DistributedDataParallel (a rank-r layer holds only r·(m + n + 1) "
+            "values)"
         )
 
 

@@ -272,12 +272,16 @@ def markdown(data: dict) -> str:
 # Stage ops: the files and tests that check the ops on the GPU, the slowest first (torch.compile
 # with inductor), so that a worker does not start them last. The rest, GPU-heavy files first.
 OPS_FIRST = (
-    ("tests/test_ops.py::test_compile_fullgraph_matches_eager_cuda", "cuda"),
-    ("tests/test_ops.py::test_opcheck_cuda", "cuda"),
-    ("tests/test_ops_cuda.py::", "cuda"),
-    ("tests/test_kernels.py::", "interp"),
+    ("tests/ops/test_ops.py::test_compile_fullgraph_matches_eager_cuda", "cuda"),
+    ("tests/ops/test_ops.py::test_opcheck_cuda", "cuda"),
+    ("tests/ops/test_ops_cuda.py::", "cuda"),
+    ("tests/kernels/test_kernels.py::", "interp"),
 )
-REST_ORDER = ("tests/test_kernels.py", "tests/test_kernel_configs.py", "tests/test_tune.py")
+REST_ORDER = (
+    "tests/kernels/test_kernels.py",
+    "tests/kernels/test_kernel_configs.py",
+    "tests/analysis/test_tune.py",
+)
 
 
 def partition(items: Sequence[tuple[str, set[str]]]) -> tuple[list[str], list[str]]:
@@ -293,7 +297,7 @@ def partition(items: Sequence[tuple[str, set[str]]]) -> tuple[list[str], list[st
         path = node.split("::")[0]
         if path in REST_ORDER:
             return REST_ORDER.index(path)
-        return len(REST_ORDER) + (path == "tests/test_ops.py")
+        return len(REST_ORDER) + (path == "tests/ops/test_ops.py")
 
     return ops, sorted(rest, key=rank)
 

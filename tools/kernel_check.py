@@ -89,7 +89,7 @@ COMPILE_SECONDS = (1.0, 2.0)  # per compile on an H100 machine's CPU, for the es
 
 
 # ---------------------------------------------------------------------------------------------
-# Results and the gate (pure functions: tested in tests/test_tools.py)
+# Results and the gate (pure functions: tested in tests/project/test_tools.py)
 
 
 @dataclass
@@ -438,15 +438,15 @@ def _orth_sparsity_cases(label: str, mats, svals, dtypes) -> list[Case]:
 
 def gpu_check_cases() -> list[Case]:
     """What the correctness part of `make gpu-check` launches (SVDKERN_AUTOTUNE=0): the
-    shapes of tests/test_ops_cuda.py (fp32, bf16, fp16), the small odd shapes of
-    tests/test_kernels.py's kernel tests (fp32, bf16; they run on the GPU there), its
-    ResNet-20 model run (fp32) and the opcheck and torch.compile cases of tests/test_ops.py
+    shapes of tests/ops/test_ops_cuda.py (fp32, bf16, fp16), the small odd shapes of
+    tests/kernels/test_kernels.py's kernel tests (fp32, bf16; they run on the GPU there), its
+    ResNet-20 model run (fp32) and the opcheck and torch.compile cases of tests/ops/test_ops.py
     on CUDA (fp32)."""
     three, two, fp32 = _dtypes("fp32", "bf16", "fp16"), _dtypes("fp32", "bf16"), _dtypes("fp32")
     ops_group = [(37, 29, 13), (1, 1, 1), (150, 133, 70), (16, 16, 16), (9, 70, 3)]
     kernel_group = [(37, 29, 13), (1, 17, 1), (16, 70, 5), (70, 20, 20), (9, 7, 40), (32, 32, 32)]
     return [
-        # tests/test_ops_cuda.py
+        # tests/ops/test_ops_cuda.py
         *_compose_cases([(37, 29, 13), (1, 17, 1), (150, 133, 70)], three),
         *_grouped_cases({"ops": ops_group}, three),
         *_lowrank_cases(
@@ -455,7 +455,7 @@ def gpu_check_cases() -> list[Case]:
         *_orth_sparsity_cases(
             "ops", [(37, 13), (1, 1), (5, 9), (150, 70), (64, 64)], [13, 5, 1, 70, 2500], three
         ),
-        # tests/test_kernels.py (`interp` tests)
+        # tests/kernels/test_kernels.py (`interp` tests)
         *_compose_cases([(37, 29, 13), (1, 17, 1), (16, 70, 5), (70, 20, 20), (9, 7, 40)], two),
         *_grouped_cases({"kernels": kernel_group}, two),
         *_lowrank_cases([(15, 29, 37, 13), (1, 17, 9, 1), (40, 20, 70, 16), (6, 24, 20, 300)], two),
@@ -468,7 +468,7 @@ def gpu_check_cases() -> list[Case]:
         # the model run (tools/gpu_check.py): ResNet-20's layers at full rank, fp32
         *_grouped_cases({"model": _full_rank(resnet_convs("resnet20"))}, fp32),
         *_loss_cases({"model": resnet_convs("resnet20")}, fp32),
-        # tests/test_ops.py: opcheck and torch.compile on CUDA
+        # tests/ops/test_ops.py: opcheck and torch.compile on CUDA
         *_compose_cases([(7, 5, 3)], fp32),
         *_grouped_cases({"opcheck": [(7, 5, 3), (4, 9, 2)]}, fp32),
         *_lowrank_cases([(6, 5, 7, 3)], fp32),

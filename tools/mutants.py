@@ -15,7 +15,7 @@ A list entry:
     replace = "dU.copy_(G);"             # the planted bug
     backend = "cpu"                      # "cpu": C++ kernels; "interp": Triton kernels
                                          #   under TRITON_INTERPRET=1
-    tests = [["tests/test_ops.py", "-k", "compose and bf16"], ...]
+    tests = [["tests/ops/test_ops.py", "-k", "compose and bf16"], ...]
     description = "..."
 
 Each entry of `tests` is one pytest selection (arguments after `pytest -x -q`);

@@ -21,7 +21,7 @@ TINY += ["--batch-size", "16", "--quiet", "--compress-policy", "flops"]
 def text_dir(tmp_path_factory) -> Path:
     """A few small text files: this package's own sources, cut to ~3 kB each."""
     root = tmp_path_factory.mktemp("text")
-    sources = sorted((Path(__file__).parents[1] / "svdkern").glob("*.py"))
+    sources = sorted((Path(__file__).parents[2] / "svdkern").glob("*.py"))
     for i, src in enumerate(sources[:8]):
         (root / f"f{i}.py").write_bytes(src.read_bytes()[:3000])
     return root

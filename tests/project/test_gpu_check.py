@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 
 import gpu_check as gc  # noqa: E402
@@ -46,32 +46,32 @@ def test_without_cuda_it_stops_at_once_with_exit_2_and_writes_nothing(tmp_path):
 
 def test_the_ops_tests_run_first_slowest_first_and_the_rest_gpu_files_first():
     items = [
-        ("tests/test_ops.py::test_compose_matches_reference[fp32-M1-N1-R1]", {"interp"}),
-        ("tests/test_ops.py::test_opcheck_cuda[compose]", {"cuda"}),
-        ("tests/test_kernels.py::test_compose_cuda_large[fp32-M1024]", {"cuda"}),
-        ("tests/test_kernels.py::test_compose_matches_reference[M37-fp32]", {"interp"}),
-        ("tests/test_ops_cuda.py::test_compose_cuda_matches_reference[M37-fp16]", {"cuda"}),
-        ("tests/test_ops.py::test_compile_fullgraph_matches_eager_cuda[inductor]", {"cuda"}),
-        ("tests/test_tune.py::test_tuning_on_cuda", {"cuda"}),
-        ("tests/test_fallback.py::test_failing_kernels_fall_back", {"interp"}),
+        ("tests/ops/test_ops.py::test_compose_matches_reference[fp32-M1-N1-R1]", {"interp"}),
+        ("tests/ops/test_ops.py::test_opcheck_cuda[compose]", {"cuda"}),
+        ("tests/kernels/test_kernels.py::test_compose_cuda_large[fp32-M1024]", {"cuda"}),
+        ("tests/kernels/test_kernels.py::test_compose_matches_reference[M37-fp32]", {"interp"}),
+        ("tests/ops/test_ops_cuda.py::test_compose_cuda_matches_reference[M37-fp16]", {"cuda"}),
+        ("tests/ops/test_ops.py::test_compile_fullgraph_matches_eager_cuda[inductor]", {"cuda"}),
+        ("tests/analysis/test_tune.py::test_tuning_on_cuda", {"cuda"}),
+        ("tests/ops/test_fallback.py::test_failing_kernels_fall_back", {"interp"}),
     ]
     ops, rest = gc.partition(items)
     assert ops == [
-        "tests/test_ops.py::test_compile_fullgraph_matches_eager_cuda[inductor]",
-        "tests/test_ops.py::test_opcheck_cuda[compose]",
-        "tests/test_ops_cuda.py::test_compose_cuda_matches_reference[M37-fp16]",
-        "tests/test_kernels.py::test_compose_matches_reference[M37-fp32]",
+        "tests/ops/test_ops.py::test_compile_fullgraph_matches_eager_cuda[inductor]",
+        "tests/ops/test_ops.py::test_opcheck_cuda[compose]",
+        "tests/ops/test_ops_cuda.py::test_compose_cuda_matches_reference[M37-fp16]",
+        "tests/kernels/test_kernels.py::test_compose_matches_reference[M37-fp32]",
     ]
     assert rest == [
-        "tests/test_kernels.py::test_compose_cuda_large[fp32-M1024]",
-        "tests/test_tune.py::test_tuning_on_cuda",
-        "tests/test_fallback.py::test_failing_kernels_fall_back",
-        "tests/test_ops.py::test_compose_matches_reference[fp32-M1-N1-R1]",  # CPU tensors: last
+        "tests/kernels/test_kernels.py::test_compose_cuda_large[fp32-M1024]",
+        "tests/analysis/test_tune.py::test_tuning_on_cuda",
+        "tests/ops/test_fallback.py::test_failing_kernels_fall_back",
+        "tests/ops/test_ops.py::test_compose_matches_reference[fp32-M1-N1-R1]",  # CPU tensors: last
     ]
 
 
-NODE = "tests/test_kernels.py::test_y[bf16]"
-OPCHECK = "tests/test_ops.py::test_opcheck_cuda[compose]"
+NODE = "tests/kernels/test_kernels.py::test_y[bf16]"
+OPCHECK = "tests/ops/test_ops.py::test_opcheck_cuda[compose]"
 CRASH = "[gw5] node down: Not properly terminated\nreplacing crashed worker gw5\n"
 CRASH += f"worker 'gw5' crashed while running '{OPCHECK}'"
 
@@ -81,8 +81,8 @@ CRASH += f"worker 'gw5' crashed while running '{OPCHECK}'"
     [
         pytest.param(f"[gw3] [ 12%] PASSED {NODE} ", (NODE, "passed", ""), id="xdist-pass"),
         pytest.param(
-            "[gw0] [100%] SKIPPED tests/test_kernels.py::test_x[a b] ",
-            ("tests/test_kernels.py::test_x[a b]", "skipped", ""),
+            "[gw0] [100%] SKIPPED tests/kernels/test_kernels.py::test_x[a b] ",
+            ("tests/kernels/test_kernels.py::test_x[a b]", "skipped", ""),
             id="xdist-skip-id-with-a-space",
         ),
         pytest.param(f"{NODE} FAILED              [ 50%]", (NODE, "failed", ""), id="serial-fail"),
@@ -93,7 +93,7 @@ CRASH += f"worker 'gw5' crashed while running '{OPCHECK}'"
         ),
         pytest.param(CRASH, (OPCHECK, "failed", "xdist worker gw5 crashed running it"), id="crash"),
         pytest.param("collected 53 items", None, id="other"),
-        pytest.param("tests/test_ops.py:12: in test_x", None, id="traceback"),
+        pytest.param("tests/ops/test_ops.py:12: in test_x", None, id="traceback"),
     ],
 )
 def test_pytest_result_lines_are_parsed(line, parsed):
@@ -104,16 +104,17 @@ def test_junit_xml_gives_what_the_lines_did_not(tmp_path):
     xml = tmp_path / "r.xml"
     xml.write_text(
         '<testsuites><testsuite name="pytest">'
-        '<testcase classname="tests.test_ops_cuda" name="test_a[fp32]"/>'
-        '<testcase classname="tests.test_ops_cuda" name="test_b[bf16]">'
+        '<testcase classname="tests.ops.test_ops_cuda" name="test_a[fp32]"/>'
+        '<testcase classname="tests.ops.test_ops_cuda" name="test_b[bf16]">'
         '<failure message="AssertionError: off&#10;second line">tb</failure></testcase>'
-        '<testcase classname="tests.test_tune" name="test_c"><skipped message="no GPU"/></testcase>'
+        '<testcase classname="tests.analysis.test_tune" name="test_c">'
+        '<skipped message="no GPU"/></testcase>'
         "</testsuite></testsuites>"
     )
     assert gc.junit_results(xml) == {
-        "tests/test_ops_cuda.py::test_a[fp32]": ("passed", ""),
-        "tests/test_ops_cuda.py::test_b[bf16]": ("failed", "AssertionError: off"),
-        "tests/test_tune.py::test_c": ("skipped", "no GPU"),
+        "tests/ops/test_ops_cuda.py::test_a[fp32]": ("passed", ""),
+        "tests/ops/test_ops_cuda.py::test_b[bf16]": ("failed", "AssertionError: off"),
+        "tests/analysis/test_tune.py::test_c": ("skipped", "no GPU"),
     }
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import INTERP_BUG, interpreter_skip_reason
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 
@@ -130,9 +130,13 @@ def test_training_run_table_shows_seed_accuracy_and_macs_and_worst_seed():
         "| training run | digits-cnn method=svd-adaptive seed=0 |  | adaptive | 9000 | 0.9 "
         "| 0.99 | 201024 |"
     )
-    (target,) = [t for t in TARGETS if t.csv == "e2e_cpu"]
-    (o,) = evaluate(target, {"e2e_cpu": rows})
+    digits, lm = [t for t in TARGETS if t.csv == "e2e_cpu"]
+    (o,) = evaluate(digits, {"e2e_cpu": rows})
     assert (o.ratio, o.met, o.group) == (1.05, False, "1")
+    text = [{**r, "scenario": "text-gpt2-tiny", "bits_per_byte": "2.9"} for r in rows]
+    (o,) = evaluate(lm, {"e2e_cpu": rows + text})
+    assert (o.ratio, o.met, o.group) == (1.05, False, "1")  # against 0.8: the same seed 1
+    assert "bits_per_byte" in result_table(text, "dense", "e2e_cpu")[0]
 
 
 def test_results_csv_widens_when_a_benchmark_gains_a_column(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
 
 import kernel_check as kc  # noqa: E402
@@ -199,7 +199,7 @@ def test_gate_expects_every_triton_kernel_of_the_project():
     # kernel that has a launcher (the ones ending in _kernel), no more, no fewer.
     import re
 
-    root = Path(__file__).resolve().parent.parent / "svdkern" / "kernels"
+    root = Path(__file__).resolve().parents[2] / "svdkern" / "kernels"
     defined = {
         name
         for path in root.glob("*.py")
