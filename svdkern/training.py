@@ -312,7 +312,7 @@ class SVDTraining:
         record = Cut(self.steps, before, self.ranks)
         if record.changed and self.tune_forms:
             record.forms = self.tune()
-        record.macs, record.dense_macs = self._macs()
+        record.macs, record.dense_macs = self.macs()
         self.history.append(record)
         return record
 
@@ -323,10 +323,8 @@ class SVDTraining:
 
     def macs(self) -> tuple[int, int] | tuple[None, None]:
         """(MACs of the model at its current ranks, each layer in its cheaper form; MACs of
-        its dense form), counted at the example inputs' layer shapes."""
-        return self._macs()
-
-    def _macs(self) -> tuple[int, int] | tuple[None, None]:
+        its dense form), counted at the example inputs' layer shapes (recorded on the first
+        call); (None, None) when convs cannot be counted without an example."""
         if self._shapes is None:
             try:
                 self._shapes = layer_inputs(self.model, self.example)

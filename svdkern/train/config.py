@@ -75,6 +75,7 @@ _DATA_DEFAULTS: dict[str, dict[str, Any]] = {
         "batch_size": 16,
         "epoch_size": 1600,
         "lr": 2e-3,
+        "schedule": "cosine",
         "strength": {"l1": 0.1, "hoyer": 0.03, "hoyer_square": 0.01},
         "energy": 0.01,
         "tune_forms": False,
@@ -459,9 +460,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--schedule",
         choices=SCHEDULES,
-        default="step",
         help="per-epoch LR schedule of each phase: step (×--gamma at --milestones), cosine, "
-        "constant (default step)",
+        "constant (default step; cosine for text)",
     )
     g.add_argument(
         "--milestones",
@@ -618,6 +618,7 @@ _RESOLVED = (
     "strength",
     "lr",
     "weight_decay",
+    "schedule",
 )
 
 
@@ -679,6 +680,8 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("model", "dense_epochs", "svd_epochs", "finetune_epochs", "batch_size"):
         if cfg.get(key) is None:
             cfg[key] = defaults[key]
+    if cfg.get("schedule") is None:
+        cfg["schedule"] = defaults.get("schedule", "step")
     if cfg.get("epoch_size") is None:
         cfg["epoch_size"] = defaults.get("epoch_size")
     if adaptive_svd:
