@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import time
 
 import numpy as np
 import pytest
@@ -314,9 +313,7 @@ def test_text_batches_are_token_ids_and_follow_the_epoch_order(tmp_path):
 
 
 def test_text_default_is_a_bounded_stdlib_subset():
-    start = time.perf_counter()
     ds = data.load_dataset("text")
-    assert time.perf_counter() - start < 10.0
     files = ds.train_files + ds.test_files
     assert not set(ds.train_files) & set(ds.test_files)
     assert all(f.endswith(".py") for f in files)
