@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from svdkern.compiled import uncompiled
 from svdkern.compress import compress as _compress
 from svdkern.examples import Example
 from svdkern.flops import macs_at
@@ -89,13 +90,10 @@ class Cut:
 def _unwrap(model: nn.Module) -> nn.Module:
     """The module that holds the parameters: under DDP's `.module` and torch.compile's
     `_orig_mod` (both keep the user's module, so cutting it cuts what they run)."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
+    model = uncompiled(model)
+    while isinstance(model, nn.parallel.DistributedDataParallel):
+        model = uncompiled(model.module)
+    return model
 
 
 def _refuse_fsdp(model: nn.Module) -> None:
@@ -105,11 +103,9 @@ def _refuse_fsdp(model: nn.Module) -> None:
     re-sharding them and their sharded optimizer state is not implemented."""
     fsdp = None
     for m in model.modules():
-        kind = type(m).__name__
-        if kind in ("FullyShardedDataParallel", "FSDPModule") or any(
-            c.__name__ == "FSDPModule" for c in type(m).__mro__
-        ):
-            fsdp = kind
+        # FSDP1 wraps the module; FSDP2 mixes FSDPModule into its class.
+        if any(c.__name__ in ("FullyShardedDataParallel", "FSDPModule") for c in type(m).__mro__):
+            fsdp = type(m).__name__
             break
     if fsdp is None:
         for p in model.parameters():

@@ -28,8 +28,6 @@ Trainer reloads the weights with `model.load_state_dict`, which refuses other ra
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +35,7 @@ import torch
 from transformers import TrainerCallback
 
 from svdkern.nn import svd_layers
+from svdkern.train import checkpoint
 from svdkern.training import SVDTraining
 
 __all__ = ["COMPRESSED_FILE", "SVDTrainingCallback", "add_svd_training"]
@@ -118,7 +117,8 @@ class SVDTrainingCallback(TrainerCallback):
             return
         self.compressed = self.training.compress(self.compress_policy)
         if args.output_dir and state.is_world_process_zero:
-            _save_atomic(self.compressed, Path(args.output_dir) / COMPRESSED_FILE)
+            Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+            checkpoint.save_atomic(self.compressed, Path(args.output_dir) / COMPRESSED_FILE)
 
 
 def add_svd_training(trainer, **kwargs: Any) -> SVDTrainingCallback:
@@ -127,17 +127,3 @@ def add_svd_training(trainer, **kwargs: Any) -> SVDTrainingCallback:
     callback = SVDTrainingCallback(**kwargs)
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback
-
-
-def _save_atomic(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

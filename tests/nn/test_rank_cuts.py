@@ -97,6 +97,27 @@ def _sliced_state(opt, model, keep: dict[str, torch.Tensor]) -> dict:
     return state
 
 
+def _built_at(model: Net, ranks: dict[str, int], with_grads: bool = False):
+    """(kept indices per layer, a Net built at `ranks` holding the model's triplets of the
+    largest |s| and its biases, and with `with_grads` their gradients)."""
+    keep = {
+        layer: torch.sort(torch.topk(getattr(model, layer).s.detach().abs(), k).indices).values
+        for layer, k in ranks.items()
+    }
+    built = Net(ranks=tuple(ranks.values()))
+    with torch.no_grad():
+        for layer, idx in keep.items():
+            src, dst = getattr(model, layer), getattr(built, layer)
+            for key in ("U", "s", "V", "bias"):
+                a, b = getattr(src, key), getattr(dst, key)
+                cols = slice(None) if key == "bias" else idx
+                index = (cols,) if key in ("s", "bias") else (slice(None), cols)
+                b.copy_(a[index])
+                if with_grads:
+                    b.grad = a.grad[index].clone()
+    return keep, built
+
+
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_training_after_a_cut_equals_a_model_built_at_the_cut_ranks(name):
     torch.manual_seed(0)
@@ -107,18 +128,7 @@ def test_training_after_a_cut_equals_a_model_built_at_the_cut_ranks(name):
     _train(model, opt, batches[:4], reg)
 
     ranks = {"conv": 3, "spatial": 5, "fc": 2}
-    keep = {
-        layer: torch.sort(torch.topk(getattr(model, layer).s.detach().abs(), k).indices).values
-        for layer, k in ranks.items()
-    }
-    built = Net(ranks=(3, 5, 2))
-    with torch.no_grad():
-        for layer, idx in keep.items():
-            src, dst = getattr(model, layer), getattr(built, layer)
-            dst.U.copy_(src.U[:, idx])
-            dst.s.copy_(src.s[idx])
-            dst.V.copy_(src.V[:, idx])
-            dst.bias.copy_(src.bias)
+    keep, built = _built_at(model, ranks)
     built_opt = OPTIMIZERS[name](built.parameters())
     built_opt.load_state_dict(_sliced_state(opt, model, keep))
 
@@ -227,20 +237,7 @@ def test_cut_between_backward_and_step_equals_a_model_built_at_the_cut_ranks(nam
     F.cross_entropy(model(x), y).backward()
 
     ranks = {"conv": 3, "spatial": 5, "fc": 2}
-    keep = {
-        layer: torch.sort(torch.topk(getattr(model, layer).s.detach().abs(), k).indices).values
-        for layer, k in ranks.items()
-    }
-    built = Net(ranks=(3, 5, 2))
-    with torch.no_grad():
-        for layer, idx in keep.items():
-            src, dst = getattr(model, layer), getattr(built, layer)
-            for key in ("U", "s", "V", "bias"):
-                a, b = getattr(src, key), getattr(dst, key)
-                cols = slice(None) if key == "bias" else idx
-                index = (cols,) if key in ("s", "bias") else (slice(None), cols)
-                b.copy_(a[index])
-                b.grad = a.grad[index].clone()
+    keep, built = _built_at(model, ranks, with_grads=True)
     built_opt = OPTIMIZERS[name](built.parameters())
     built_opt.load_state_dict(_sliced_state(opt, model, keep))
 
