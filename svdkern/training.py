@@ -5,7 +5,10 @@ learning-rate scheduler: add `penalty()` to the loss, call `step()` after every
 `optimizer.step()`, and `compress()` at the end. Every `cut_every` steps `step()` cuts each
 SVD layer's rank by the energy rule (`svdkern.prune(energy=cut_energy)`), slicing the
 optimizer's state and the gradients with the parameters, re-tunes the layers' forms (if
-asked) and, under torch.distributed, applies the ranks and forms process 0 chose. Its
+asked) and, under torch.distributed, applies the ranks and forms process 0 chose. A model
+sharded by FSDP2 (`torch.distributed.fsdp.fully_shard`) trains and is cut the same way: the
+penalty and the energy rule read U, s, V all-gathered from their shards, and a cut reshards
+the cut factors with their gradients and sharded optimizer state. Its
 `state_dict()` holds the step count, the cuts so far and the forms in force, so a resumed
 run goes on exactly where it stopped.
 
@@ -29,6 +32,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -36,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from svdkern import _fsdp
 from svdkern.compiled import uncompiled
 from svdkern.compress import compress as _compress
 from svdkern.examples import Example
@@ -96,49 +101,48 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _refuse_fsdp(model: nn.Module) -> None:
-    """Refuse an FSDP-sharded model. FSDP (FSDP2's fully_shard runs on CPU with gloo too)
-    keeps the parameters it sharded when it wrapped the model, as DTensors; a cut replaces
-    U, s, V by sliced parameters, which FSDP would not gather, reduce or shard, and
-    re-sharding them and their sharded optimizer state is not implemented."""
-    fsdp = None
-    for m in model.modules():
-        # FSDP1 wraps the module; FSDP2 mixes FSDPModule into its class.
-        if any(c.__name__ in ("FullyShardedDataParallel", "FSDPModule") for c in type(m).__mro__):
-            fsdp = type(m).__name__
-            break
-    if fsdp is None:
-        for p in model.parameters():
-            if type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor":
-                fsdp = "DTensor parameters"
-                break
-    if fsdp is not None:
-        raise ValueError(
-            f"model is sharded ({fsdp}): SVDTraining does not support FSDP (a rank cut "
-            "replaces U, s, V, which FSDP sharded when it wrapped the model); train the SVD "
-            "layers under DistributedDataParallel (a rank-r layer holds only r·(m + n + 1) "
-            "values)"
-        )
+def _check_sharding(model: nn.Module, layers: list[tuple[str, SVDLayer]]) -> bool:
+    """Whether `model` is sharded by FSDP2 (`torch.distributed.fsdp.fully_shard` applied to
+    it and/or its blocks, on a data-parallel mesh; CPU with gloo too), which SVDTraining
+    supports: `penalty()` and the energy rule read U, s, V all-gathered from their shards,
+    and a cut gathers the cut layers' factors, their gradients and their optimizer state,
+    slices them and shards them anew in FSDP's parameter groups (`svdkern._fsdp`). Raises
+    ValueError naming the model for sharding it does not support: FSDP1
+    (`FullyShardedDataParallel`), a module of FSDP2's class without fully_shard's state,
+    SVD factors that are DTensors of tensor parallelism or that FSDP only replicates."""
+    return _fsdp.check_supported(model, layers)
 
 
-def _check_optimizer(optimizer, layers: list[tuple[str, SVDLayer]]) -> None:
+def _check_optimizer(optimizer, layers: list[tuple[str, SVDLayer]], sharded: dict) -> None:
+    """`sharded`: {(layer, key): (group, FSDPParam)} of the factors FSDP2 shards, whose
+    sharded parameter the optimizer must hold."""
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
             f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
         )
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+    def param(layer, key):
+        fsdp = sharded.get((layer, key))
+        return getattr(layer, key) if fsdp is None else fsdp[1].sharded_param
+
     missing = [
         f"{name}.{key}" if name else key
         for name, layer in layers
         for key in ("U", "s", "V")
-        if getattr(layer, key).requires_grad and id(getattr(layer, key)) not in held
+        if param(layer, key).requires_grad and id(param(layer, key)) not in held
     ]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        after = "svdkern.decompose(model)"
+        before = "decompose holds the dense weights"
+        if sharded:
+            after += " and fully_shard"
+            before += ", one built before fully_shard the unsharded factors"
         raise ValueError(
             f"optimizer does not hold the SVD parameters {missing[:3]}{more}: build it from "
-            "model.parameters() after svdkern.decompose(model) (an optimizer built before "
-            "decompose holds the dense weights, which the model no longer uses)"
+            f"model.parameters() after {after} (an optimizer built before {before}, which "
+            "the model no longer uses)"
         )
 
 
@@ -155,10 +159,18 @@ class SVDTraining:
 
     Args:
         model: a model with SVD layers (`svdkern.decompose(model)`); a DDP or
-            torch.compile wrapper of one is accepted (the wrapped module is cut).
-            FSDP-sharded models are refused (see `_refuse_fsdp`).
-        optimizer: the optimizer training it; it must hold every trainable U, s, V.
-            Rank cuts slice its state (Adam moments, momentum) with the parameters.
+            torch.compile wrapper of one is accepted (the wrapped module is cut), and so is
+            one sharded by FSDP2's `torch.distributed.fsdp.fully_shard` (applied to its
+            blocks and its root, on a 1-D or HSDP mesh, CPU with gloo too): `penalty()`
+            all-gathers U, s, V to compute the loss (the sharded factors get their part of
+            its gradient), and a cut gathers the cut layers' factors, gradients and
+            optimizer state, slices them and shards them anew in FSDP's parameter groups,
+            so the model needs no re-wrapping (see `_check_sharding`). FSDP1
+            (`FullyShardedDataParallel`) and SVD factors under tensor parallelism are
+            refused; under FSDP, `tune_forms` and `compress()` are not available.
+        optimizer: the optimizer training it; it must hold every trainable U, s, V (under
+            FSDP: the sharded ones, i.e. built after fully_shard). Rank cuts slice its
+            state (Adam moments, momentum; sharded under FSDP) with the parameters.
         orth: λ_o, weight of the orthogonality loss Σ (‖UᵀU − I‖² + ‖VᵀV − I‖²) / r².
         sparsity: "l1", "hoyer", "hoyer_square" or None: the sparsity loss on s.
         strength: λ_s, its weight.
@@ -188,7 +200,8 @@ class SVDTraining:
     Raises:
         ValueError/TypeError naming the argument: a model without SVD layers, an optimizer
         that does not hold its SVD parameters, cut_energy outside (0, 1) (≥ 1 would cut
-        every singular value), non-positive cut_every, an FSDP-sharded model.
+        every singular value), non-positive cut_every, a model sharded in a way not
+        supported (FSDP1, tensor parallelism), tune_forms with an FSDP-sharded model.
     """
 
     def __init__(
@@ -214,7 +227,6 @@ class SVDTraining:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        _refuse_fsdp(model)
         self.model = _unwrap(model)
         layers = svd_layers(self.model)
         if not layers:
@@ -222,7 +234,10 @@ class SVDTraining:
                 "model has no SVD layers (SVDLinear, SVDConv1d/2d, ...): convert it first with "
                 "svdkern.decompose(model), then build the optimizer from its parameters"
             )
-        _check_optimizer(optimizer, layers)
+        self._sharded = _check_sharding(self.model, layers)
+        _check_optimizer(
+            optimizer, layers, _fsdp.sharded_factors(self.model) if self._sharded else {}
+        )
         self.optimizer = optimizer
         self.regularizer = SVDRegularizer(
             self.model, orth=orth, sparsity=sparsity, strength=strength
@@ -246,6 +261,11 @@ class SVDTraining:
             example_inputs=example_inputs, example_kwargs=example_kwargs, example=example
         )
         self.tune_forms = bool(tune_forms)
+        if self.tune_forms and self._sharded:
+            raise ValueError(
+                "tune_forms=True is not supported on a model sharded by FSDP (the forms are "
+                "timed on whole layers); leave tune_forms=False"
+            )
         self.tune_example = Example.of(example_inputs=tune_inputs)
         if self.tune_forms and self.tune_example is None:
             raise ValueError(
@@ -267,12 +287,23 @@ class SVDTraining:
         """λ_o·orth + λ_s·sparsity over every SVD layer, a scalar to add to the task loss
         (one grouped op call per term). Call it once per training step; with
         orth_every=k the orthogonality term is computed on every k-th call, weighted k.
-        The unweighted terms are kept in `last_terms` ({"orth", "sparsity", "total"})."""
+        The unweighted terms are kept in `last_terms` ({"orth", "sparsity", "total"}).
+        Under FSDP it reads U, s, V all-gathered from their shards: every process calls it,
+        and the full factors of every layer stay alive until `backward()` (the memory of
+        the unsharded factors; orth_every=k gathers U and V on every k-th call only)."""
         k = self.orth_every
         scale = float(k) if self.penalties % k == 0 else 0.0
         self.penalties += 1
-        self.last_terms = self.regularizer(self.model, orth_scale=scale)
+        with self._whole(("U", "s", "V") if scale else ("s",)):
+            self.last_terms = self.regularizer(self.model, orth_scale=scale)
         return self.last_terms["total"]
+
+    def _whole(self, names: tuple[str, ...]):
+        """Under FSDP, a context in which every SVD layer's factors `names` read whole
+        (all-gathered from their shards, differentiably); else nothing to do."""
+        if not self._sharded:
+            return nullcontext()
+        return _fsdp.gathered(self.model, [layer for _, layer in svd_layers(self.model)], names)
 
     # -- the schedule -----------------------------------------------------------------
 
@@ -288,23 +319,33 @@ class SVDTraining:
         ranks and return what it did (else None). Gradients and optimizer state are
         sliced with U, s, V, so the cut may also sit between `backward()` and
         `optimizer.step()`. After a cut that `changed` ranks, rebuild a
-        DistributedDataParallel wrapper (its buckets hold the old parameters)."""
+        DistributedDataParallel wrapper (its buckets hold the old parameters); an FSDP2
+        model needs nothing (its parameter groups hold the cut parameters). Under FSDP
+        every process must call it (a cut all-gathers)."""
         self.steps += 1
         return self.cut() if self.due(self.steps) else None
 
     def cut(self) -> Cut:
         """Cut every SVD layer's rank by the energy rule now (process 0 decides under
-        torch.distributed); returns the Cut, also appended to `history`."""
+        torch.distributed; under FSDP from the full s, all-gathered); returns the Cut, also
+        appended to `history`."""
         before = self.ranks
-        plan = prune(
-            self.model,
-            energy=self.cut_energy,
-            multiple_of=self.multiple_of,
-            min_rank=self.min_rank,
-            dry_run=True,
-        )
+        with self._whole(("s",)):
+            plan = prune(
+                self.model,
+                energy=self.cut_energy,
+                multiple_of=self.multiple_of,
+                min_rank=self.min_rank,
+                dry_run=True,
+            )
         ranks = self._from_first({lay.name: lay.rank_after for lay in plan.layers})
-        prune(self.model, ranks=ranks, optimizer=self.optimizer)
+        if self._sharded:
+            cut = [(n, layer) for n, layer in svd_layers(self.model) if ranks[n] < layer.rank]
+            with _fsdp.unsharded(self.model, [layer for _, layer in cut], self.optimizer):
+                for name, layer in cut:  # as prune(ranks=) does, on the gathered factors
+                    layer.prune_(ranks[name], optimizer=self.optimizer)
+        else:
+            prune(self.model, ranks=ranks, optimizer=self.optimizer)
         record = Cut(self.steps, before, self.ranks)
         if record.changed and self.tune_forms:
             record.forms = self.tune()
@@ -332,7 +373,13 @@ class SVDTraining:
 
     def tune(self) -> dict[str, Any]:
         """Time and fix every SVD layer's forms on `tune_inputs` (process 0's choice
-        applied everywhere); returns and records what was chosen."""
+        applied everywhere); returns and records what was chosen. Not available under
+        FSDP (the forms are timed on whole layers)."""
+        if self._sharded:
+            raise ValueError(
+                "tune() is not supported on a model sharded by FSDP (the forms are timed on "
+                "whole layers); build SVDTraining with tune_forms=False"
+            )
         report = tune_forms(
             self.model, example=self.tune_example, training=True, repeats=3, memory_format="auto"
         )
@@ -373,7 +420,16 @@ class SVDTraining:
 
     def compress(self, policy: str = "flops", **kwargs) -> nn.Module:
         """The deployable model (`svdkern.compress(model, policy, ...)`), counted or timed at
-        the example inputs unless `kwargs` give another example."""
+        the example inputs unless `kwargs` give another example. Under FSDP, compress an
+        unsharded copy loaded from the full state dict instead (see the error)."""
+        if self._sharded:
+            raise ValueError(
+                "compress() needs the whole model, which FSDP shards: gather its full state "
+                "dict (torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+                "options=StateDictOptions(full_state_dict=True))), load it into an unsharded "
+                "copy with svdkern.load_state_dict(copy, state_dict), which resizes its SVD "
+                "layers to the cut ranks, and svdkern.compress(copy)"
+            )
         keys = {"input_shape", "example_inputs", "example_kwargs", "example"}
         if self.example is not None and not keys & set(kwargs):
             kwargs["example"] = self.example

@@ -185,16 +185,6 @@ def test_a_model_without_svd_layers_is_refused():
         svdkern.SVDTraining(model, torch.optim.SGD(model.parameters(), lr=0.1))
 
 
-def test_an_fsdp_sharded_model_is_refused(monkeypatch):
-    fsdp = pytest.importorskip("torch.distributed.fsdp")
-    model = _mlp()
-    # The class FSDP2's fully_shard mixes into a sharded module.
-    sharded = type("FSDPSequential", (fsdp.FSDPModule, nn.Sequential), {})
-    model.__class__ = sharded
-    with pytest.raises(ValueError, match=r"model is sharded .*DistributedDataParallel"):
-        svdkern.SVDTraining(model, torch.optim.SGD(model.parameters(), lr=0.1))
-
-
 # --- transformers' Trainer ----------------------------------------------------------------
 
 
