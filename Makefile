@@ -28,7 +28,7 @@ COMPAT_PY     := $(CURDIR)/$(COMPAT_VENV)/bin/python
 # later triton). Also the dev and train extras of pyproject.toml (ruff aside).
 COMPAT_PKGS   := torch==2.11.0 triton==3.6.0 "numpy<2.4" setuptools wheel \
                  pytest pytest-benchmark pytest-xdist hypothesis "transformers>=5.0,<6" \
-                 accelerate scikit-learn matplotlib tqdm
+                 accelerate scikit-learn matplotlib tqdm onnxruntime onnx onnxscript
 # One stamp per package list: an existing venv gets the packages added to the list (a pip
 # install of what is missing, seconds) instead of being rebuilt.
 COMPAT_STAMP  := $(COMPAT_VENV)/.pkgs-$(shell printf '%s' '$(COMPAT_PKGS)' | sha1sum | cut -c1-12)

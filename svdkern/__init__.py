@@ -7,12 +7,13 @@ layers in grouped calls.
 
 Above the layers (`svdkern.nn`), the analysis core: example inputs (`examples`), the traced
 forward (`trace`), the cost model (`costs`); then the verbs `flops`, `prune`, `tune_forms`
-(`tune`), `decompose` / `plan` (`decompose`), `compress` (`compress`), `load_state_dict`
-(`state`) and `SVDTraining` (`training`).
+(`tune`), `decompose` / `plan` (`decompose`), `compress` (`compress`; its deployment
+runtimes in `runtimes`, batch-norm folding in `fold`), `load_state_dict` (`state`) and
+`SVDTraining` (`training`).
 """
 
 from svdkern import ops
-from svdkern.compress import compress
+from svdkern.compress import CompressReport, compress
 from svdkern.decompose import DecomposeReport, DecomposeWarning, LayerPlan, decompose, plan
 from svdkern.examples import Example
 from svdkern.flops import FlopsReport, flops
@@ -27,6 +28,7 @@ from svdkern.tune import TuneReport, clear_tune_cache, set_memory_format, tune_f
 __version__ = "0.1.0"
 
 __all__ = [
+    "CompressReport",
     "Cut",
     "DecomposeReport",
     "DecomposeWarning",

@@ -28,9 +28,11 @@ the other one is ≥ 5% faster. A model whose forward fails channels-last (a `.v
 conv output) keeps NCHW, and the report says why. `time_models` times whole models the
 same interleaved way. Both leave the torch random number generators as they found them.
 
-Policy "latency" of `svdkern.compress` is decided here too: `lowrank_faster` (the layers
-whose low-rank pair is faster, timed alone at every example) and `fastest_not_slower` (the
-whole candidate model to deploy, timed against the all-dense one).
+Policy "latency" of `svdkern.compress` is decided here too: `inference_forms` (every
+layer's dense layer and low-rank pair timed alone at every example, in the deployment
+runtime: eager, torch.compile or ONNX Runtime, `svdkern.runtimes`), `lowrank_faster` (the
+layers whose pair is faster) and `fastest_not_slower` (the whole candidate model to deploy,
+timed against the all-dense one).
 
 The example inputs are taken as every verb takes them (`svdkern.examples`): a batch
 (`example_inputs`, `example_kwargs`), an `input_shape` (a random batch of it), or an
@@ -57,15 +59,18 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from svdkern import runtimes
 from svdkern.examples import Example
 from svdkern.nn import SVDLayer, svd_layers
 from svdkern.tables import format_table
 
 __all__ = [
     "LayerForm",
+    "ModelChoice",
     "TuneReport",
     "clear_tune_cache",
     "fastest_not_slower",
+    "inference_forms",
     "lowrank_faster",
     "memory_format_of",
     "set_memory_format",
@@ -121,6 +126,8 @@ class TuneReport:
     training: bool
     seconds: float
     layers: list[LayerForm] = field(default_factory=list)
+    # Where the inference forms ran (`svdkern.runtimes.RUNTIMES`); training is always eager.
+    runtime: str = "eager"
     # memory_format="auto": the format chosen, {format: median ms of a model step} and
     # {format: why it was no candidate} (the model's forward fails in it).
     memory_format: str | None = None
@@ -155,7 +162,7 @@ class TuneReport:
             )
             for lay in self.layers
         ]
-        what = "forward + backward" if self.training else "forward"
+        what = "forward + backward" if self.training else f"forward ({self.runtime})"
         text = (
             format_table(header, rows)
             + f"\n{what}; {self.timed} timed, {len(self.layers) - self.timed} from the cache, "
@@ -322,13 +329,19 @@ def _training_candidates(
 
 
 def _inference_candidates(
-    layer: SVDLayer, shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool
+    layer: SVDLayer,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    channels_last: bool,
+    runtime: str = "eager",
 ) -> dict[str, Callable[[], None]]:
-    """Forward of the deployed forms of `layer` (`to_dense()`, `to_lowrank()`)."""
+    """Forward of the deployed forms of `layer` (`to_dense()`, `to_lowrank()`), each run in
+    `runtime` (`svdkern.runtimes.prepare`: compiled or exported at this input)."""
     x = _example(shape, dtype, layer.U.device, channels_last)
     modules = {"dense": layer.to_dense().eval(), "lowrank": layer.to_lowrank().eval()}
     if channels_last:
         modules = {form: m.to(memory_format=torch.channels_last) for form, m in modules.items()}
+    modules = {form: runtimes.prepare(runtime, m, [((x,), {})]) for form, m in modules.items()}
 
     def forward(module: nn.Module) -> Callable[[], None]:
         def run() -> None:
@@ -354,6 +367,19 @@ def _measure(
         fns = _training_candidates(layer, shape, dtype, input_grad, channels_last)
     else:
         fns = _inference_candidates(layer, shape, dtype, channels_last)
+    return _time_interleaved(fns, repeats, layer.U.device)
+
+
+def _measure_deployed(
+    layer: SVDLayer,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    channels_last: bool,
+    runtime: str,
+    repeats: int,
+) -> dict[str, float]:
+    """{form: median ms} of `layer`'s deployed forms at input `shape`, run in `runtime`."""
+    fns = _inference_candidates(layer, shape, dtype, channels_last, runtime)
     return _time_interleaved(fns, repeats, layer.U.device)
 
 
@@ -474,7 +500,7 @@ def _tune_memory_format(
         return {}, skipped
     steps = {}
     for fmt, (twin, calls) in twins.items():
-        _tune_layers(twin, calls, training, repeats, use_cache, TuneReport(training, 0.0))
+        _tune_layers(twin, calls, training, repeats, use_cache, TuneReport(training, 0.0), "eager")
         steps[fmt] = _model_step(twin, args, kwargs, training)
     device = next(model.parameters()).device
     return _time_interleaved(steps, repeats, device), skipped
@@ -487,10 +513,11 @@ def _tune_layers(
     repeats: int,
     use_cache: bool,
     report: TuneReport,
+    runtime: str,
 ) -> None:
     """Time (or take from the cache) every SVD layer's forms at the inputs `calls`
-    (`_record_inputs`) recorded; fix the training choice in the layer for each input shape;
-    append a LayerForm per call to `report`."""
+    (`_record_inputs`) recorded, the inference forms in `runtime`; fix the training choice
+    in the layer for each input shape; append a LayerForm per call to `report`."""
     for name, layer, shape, dtype, input_grad, channels_last in calls:
         device = layer.U.device
         key = (
@@ -506,12 +533,16 @@ def _tune_layers(
             _autocast_state(device.type),
             torch.get_num_threads(),
             bool(training),
+            runtime,
         )
         cached = use_cache and key in _CACHE
         if cached:
             form, times = _CACHE[key]
+        elif runtime != "eager":
+            times = _measure_deployed(layer, shape, dtype, channels_last, runtime, repeats)
         else:
             times = _measure(layer, shape, dtype, input_grad, channels_last, training, repeats)
+        if not cached:
             form = min(times, key=times.get)
             if not training and times["lowrank"] > (1 - _DEPLOY_MARGIN) * times["dense"]:
                 form = "dense"
@@ -578,6 +609,7 @@ def tune_forms(
     example_kwargs: Mapping | None = None,
     input_shape: Sequence[int] | None = None,
     example: Example | None = None,
+    runtime: str = "eager",
 ) -> TuneReport:
     """Time every SVD layer's forms on the model's device and fix the fastest in each layer.
 
@@ -611,6 +643,9 @@ def tune_forms(
             The layout is part of the form: on CPU, oneDNN runs thin convolutions far
             faster channels-last (no reorder per conv), which is what makes low-rank
             conv chains pay off there.
+        runtime: with training=False, where the deployed forms run (`svdkern.runtimes`):
+            "eager", "compile" (each form compiled at the layer's input) or "onnxruntime"
+            (each form exported and run in ONNX Runtime); training is timed eagerly.
     Returns:
         TuneReport (per layer and input shape: median ms of each candidate, the choice;
         `str(report)` is a table). The torch random number generators (CPU, and the
@@ -624,6 +659,12 @@ def tune_forms(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    runtimes.check_runtime(runtime)
+    if training and runtime != "eager":
+        raise ValueError(
+            f"runtime={runtime!r} times deployed forms: pass training=False (training steps "
+            "run eagerly)"
+        )
     example = Example.of(input_shape, example_inputs, example_kwargs, example)
     if example is None:
         raise ValueError(
@@ -641,7 +682,7 @@ def tune_forms(
             f"got {memory_format!r}"
         )
     start = time.perf_counter()
-    report = TuneReport(bool(training), 0.0)
+    report = TuneReport(bool(training), 0.0, runtime=runtime)
     tensors = [*model.parameters(), *model.buffers(), *example.args, *example.kwargs.values()]
     with _rng_kept(tensors):
         ((args, kwargs),) = example.calls(model, fill=torch.randn)
@@ -662,47 +703,97 @@ def tune_forms(
                 set_memory_format(model, next(f for f in MEMORY_FORMATS if f not in skipped))
         report.memory_format = memory_format_of(model)
         calls = _record_inputs(model, args, kwargs, training)
-        _tune_layers(model, calls, training, repeats, use_cache, report)
+        _tune_layers(model, calls, training, repeats, use_cache, report, runtime)
     report.seconds = time.perf_counter() - start
     return report
 
 
-def lowrank_faster(model: nn.Module, examples: Sequence[tuple[tuple, dict]]) -> dict[str, bool]:
-    """{layer name: deploy the low-rank pair?} of every SVD layer of `model` from its forward
-    times (`tune_forms` with training=False) at every example (args, kwargs): the pair only
-    where it is ≥ 5% faster than the dense layer at all of them."""
-    lowrank: dict[str, bool] = {}
+def inference_forms(
+    model: nn.Module, examples: Sequence[tuple[tuple, dict]], runtime: str = "eager"
+) -> list[LayerForm]:
+    """The LayerForm of every SVD layer at every example (args, kwargs): its deployed dense
+    layer and low-rank pair timed alone in `runtime` (`tune_forms` with training=False)."""
+    forms: list[LayerForm] = []
     for args, kwargs in examples:
-        report = tune_forms(model, args, training=False, example_kwargs=kwargs)
-        for lay in report.layers:
-            lowrank[lay.name] = lowrank.get(lay.name, True) and lay.form == "lowrank"
+        report = tune_forms(model, args, training=False, example_kwargs=kwargs, runtime=runtime)
+        forms += report.layers
+    return forms
+
+
+def lowrank_faster(forms: Sequence[LayerForm], tolerance: float = 0.0) -> dict[str, bool]:
+    """{layer name: deploy the low-rank pair?} from inference LayerForms (`inference_forms`):
+    the pair where it is ≥ 5% faster than the dense layer at every input shape, or with a
+    tolerance > 0 where it is at most that fraction slower (the smaller form wins a near
+    tie)."""
+    lowrank: dict[str, bool] = {}
+    for lay in forms:
+        dense, pair = lay.times_ms["dense"], lay.times_ms["lowrank"]
+        limit = (1 + tolerance) if tolerance > 0 else (1 - _DEPLOY_MARGIN)
+        lowrank[lay.name] = lowrank.get(lay.name, True) and pair <= limit * dense
     return lowrank
 
 
+@dataclass
+class ModelChoice:
+    """What `fastest_not_slower` chose: the candidate's name, {name: ms per example} of the
+    first timing of all candidates, and of the second timing (the winner against dense;
+    empty when dense won the first)."""
+
+    chosen: str
+    times_ms: dict[str, list[float]]
+    confirm_ms: dict[str, list[float]]
+
+
 def fastest_not_slower(
-    candidates: dict[str, nn.Module], examples: Sequence[tuple[tuple, dict]]
-) -> str:
-    """The name of the candidate with the lowest mean time ratio to `candidates["dense"]`
-    among those no slower than it at any example (within 2%, the resolution of one timing;
-    the dense one itself qualifies), timed interleaved (`time_models`). The winner is timed
-    once more against dense and kept only if that confirms it: the fastest of several noisy
-    timings is biased fast (its own noise helped it win), and a fresh timing has no such
-    bias."""
+    candidates: dict[str, nn.Module],
+    examples: Sequence[tuple[tuple, dict]],
+    tolerance: float = 0.0,
+    params: Mapping[str, int] | None = None,
+) -> ModelChoice:
+    """The candidate with the lowest mean time ratio to `candidates["dense"]` among those no
+    slower than it at any example (within 2%, the resolution of one timing; the dense one
+    itself qualifies), timed interleaved (`time_models`). The winner is timed once more
+    against dense and kept only if that confirms it: the fastest of several noisy timings
+    is biased fast (its own noise helped it win), and a fresh timing has no such bias.
+
+    With a tolerance > 0 and the candidates' sizes (`params`), a candidate may be up to
+    that fraction slower than dense at an example (beyond the 2%), and among those whose
+    mean ratio is within (1 + tolerance) of the fastest the smallest wins: a model as fast
+    and several times smaller is not traded for a dense one by timing noise."""
+    _fastest = _Fastest(tolerance, params)
     best = _fastest(time_models(candidates, examples, round_s=_MODEL_ROUND_S))
     if best != "dense":
         pair = {best: candidates[best], "dense": candidates["dense"]}
         best = _fastest(time_models(pair, examples, round_s=_MODEL_ROUND_S))
-    return best
+    first, *again = _fastest.timings
+    return ModelChoice(best, first, again[0] if again else {})
 
 
-def _fastest(times: dict[str, list[float]]) -> str:
-    """The name with the lowest mean ratio to times["dense"] below 1, nowhere above
-    1 + _TIE ("dense" when none is)."""
-    dense = times["dense"]
-    best, best_mean = "dense", 1.0
-    for name, ms in times.items():
-        ratios = [t / d for t, d in zip(ms, dense, strict=True)]
-        mean = sum(ratios) / len(ratios)
-        if max(ratios) <= 1.0 + _TIE and mean < best_mean:
-            best, best_mean = name, mean
-    return best
+class _Fastest:
+    """The rule of `fastest_not_slower`, applied to one timing per call; keeps the timings
+    it judged (`timings`)."""
+
+    def __init__(self, tolerance: float, params: Mapping[str, int] | None) -> None:
+        self.tolerance, self.params = tolerance, params
+        self.timings: list[dict[str, list[float]]] = []
+
+    def __call__(self, times: dict[str, list[float]]) -> str:
+        """The name with the lowest mean ratio to times["dense"] below 1, nowhere above
+        1 + _TIE ("dense" when none is); with a tolerance and sizes, the smallest of those
+        nowhere above 1 + _TIE + tolerance whose mean is within (1 + tolerance) of the
+        best."""
+        self.timings.append(times)
+        dense = times["dense"]
+        near: dict[str, float] = {}
+        best, best_mean = "dense", 1.0
+        for name, ms in times.items():
+            ratios = [t / d for t, d in zip(ms, dense, strict=True)]
+            mean = sum(ratios) / len(ratios)
+            if max(ratios) <= 1.0 + _TIE + self.tolerance:
+                near[name] = mean
+            if max(ratios) <= 1.0 + _TIE and mean < best_mean:
+                best, best_mean = name, mean
+        if self.tolerance > 0 and self.params:
+            within = [n for n, mean in near.items() if mean <= best_mean * (1 + self.tolerance)]
+            best = min(within, key=lambda n: (self.params[n], near[n]))
+        return best
