@@ -76,6 +76,7 @@ _DATA_DEFAULTS: dict[str, dict[str, Any]] = {
         "epoch_size": 1600,
         "lr": 2e-3,
         "schedule": "cosine",
+        "warmup_steps": 50,
         "strength": {"l1": 0.1, "hoyer": 0.03, "hoyer_square": 0.01},
         "energy": 0.01,
         "tune_forms": False,
@@ -89,7 +90,15 @@ RUNTIME_KEYS = ("resume", "config", "quiet", "out")
 _RETIRED_KEYS = ("stop_after_epochs",)
 # Keys added since runs were first saved, with the value that an older run ran with: filled
 # in when such a run resumes.
-_ADDED_KEYS = {"seq_len": 64, "width": None, "layers": None, "heads": None, "epoch_size": None}
+_ADDED_KEYS = {
+    "seq_len": 64,
+    "width": None,
+    "layers": None,
+    "heads": None,
+    "epoch_size": None,
+    "warmup_steps": 0,
+    "deploy_runtime": "eager",
+}
 
 
 class ConfigError(ValueError):
@@ -354,6 +363,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "and the latency batch; flops = where it has fewer MACs (default latency)",
     )
     g.add_argument(
+        "--deploy-runtime",
+        choices=("eager", "compile", "onnxruntime"),
+        default="eager",
+        help="where the deployed models run, and are timed in the report: eager PyTorch, "
+        "torch.compile (inductor, frozen weights) or ONNX Runtime (pip install "
+        "svdkern[deploy]); the latency policy chooses the forms in it, and every deployed "
+        "model has its batch norms folded into the convs before them (default eager)",
+    )
+    g.add_argument(
         "--compile",
         nargs="?",
         const="inductor",
@@ -460,8 +478,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--schedule",
         choices=SCHEDULES,
-        help="per-epoch LR schedule of each phase: step (×--gamma at --milestones), cosine, "
-        "constant (default step; cosine for text)",
+        help="LR schedule of each phase: step (×--gamma at --milestones), cosine (annealed "
+        "every step, to 0 at the phase's end), constant (default step; cosine for text)",
+    )
+    g.add_argument(
+        "--warmup-steps",
+        type=_nonneg_int,
+        help="optimizer steps at the start of each phase over which the LR rises linearly "
+        "from lr/N to lr (default 0; 50 for text, whose transformer's fresh Adam state "
+        "needs it)",
     )
     g.add_argument(
         "--milestones",
@@ -619,6 +644,7 @@ _RESOLVED = (
     "lr",
     "weight_decay",
     "schedule",
+    "warmup_steps",
 )
 
 
@@ -684,6 +710,8 @@ def resolve(args: argparse.Namespace) -> dict[str, Any]:
         cfg["schedule"] = defaults.get("schedule", "step")
     if cfg.get("epoch_size") is None:
         cfg["epoch_size"] = defaults.get("epoch_size")
+    if cfg.get("warmup_steps") is None:
+        cfg["warmup_steps"] = defaults.get("warmup_steps", 0)
     if adaptive_svd:
         # SVD training and fine-tuning together take as many epochs as dense training.
         cfg["svd_epochs"] = max(cfg["dense_epochs"] - cfg["finetune_epochs"], 0)

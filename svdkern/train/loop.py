@@ -109,12 +109,28 @@ def _make_optimizer(params, cfg: dict[str, Any]) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"], foreach=True)
 
 
-def _make_scheduler(opt: torch.optim.Optimizer, cfg: dict[str, Any], epochs: int):
-    if cfg["schedule"] == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
+def _make_scheduler(opt: torch.optim.Optimizer, cfg: dict[str, Any], epochs: int, steps: int):
+    """A phase's LR schedule. Cosine and any warm-up act every optimizer step (a LambdaLR,
+    stepped by `_train_epoch`); the step and constant schedules without warm-up act every
+    epoch (a MultiStepLR, stepped by `train_phase`): on epoch boundaries the two agree."""
+    warmup, total = cfg.get("warmup_steps") or 0, max(epochs * steps, 1)
     milestones = [] if cfg["schedule"] == "constant" else cfg["milestones"]
-    steps = sorted({max(1, round(f * epochs)) for f in milestones})
-    return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=steps, gamma=cfg["gamma"])
+    boundaries = sorted({max(1, round(f * epochs)) for f in milestones})
+    if cfg["schedule"] != "cosine" and not warmup:
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=boundaries, gamma=cfg["gamma"])
+
+    def factor(step: int) -> float:
+        ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
+        if cfg["schedule"] == "cosine":
+            t = min(1.0, max(0, step - warmup) / max(total - warmup, 1))
+            return ramp * 0.5 * (1.0 + math.cos(math.pi * t))
+        return ramp * cfg["gamma"] ** sum(step >= b * steps for b in boundaries)
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _per_step(sched: Any) -> bool:
+    return isinstance(sched, torch.optim.lr_scheduler.LambdaLR)
 
 
 def _all_sum(values: list[float], env: Env) -> list[float]:
@@ -319,7 +335,8 @@ class Pipeline:
         for epoch in range(start, epochs):
             clock = _Stopwatch()
             cuts_before = len(st.history) if st is not None else 0
-            sums = self._train_epoch(index, epoch, epochs, net, model, opt, st, steps)
+            lr = opt.param_groups[0]["lr"]  # the epoch's first step's
+            sums = self._train_epoch(index, epoch, epochs, net, model, opt, sched, st, steps)
             step_s = clock.wall() / steps
             if st is not None and self._record_cuts(st, cuts_before, phase, epoch):
                 if cfg.get("compile"):
@@ -330,8 +347,8 @@ class Pipeline:
             train_s, train_cpu = clock.wall() + setup_s, clock.cpu() + setup_cpu
             setup_s = setup_cpu = 0.0
             self._count_seconds(phase, train_s, train_cpu)
-            lr = opt.param_groups[0]["lr"]
-            sched.step()
+            if not _per_step(sched):
+                sched.step()
             test_loss, test_acc = evaluate(model, self.ds, self.env.device)
             if not math.isfinite(test_loss):
                 self._diverged(
@@ -361,7 +378,12 @@ class Pipeline:
     ) -> tuple[torch.optim.Optimizer, Any]:
         """A phase's optimizer and LR schedule over `epochs`: fresh, or as in `state`."""
         opt = _make_optimizer(model.parameters(), self.cfg)
-        sched = _make_scheduler(opt, self.cfg, epochs)
+        steps = steps_per_epoch(self.ds, self.cfg["batch_size"])
+        if state is not None and "T_max" in state["scheduler"]:
+            # A run saved when cosine acted every epoch resumes that way.
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
+        else:
+            sched = _make_scheduler(opt, self.cfg, epochs, steps)
         if state is not None:
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
@@ -546,9 +568,12 @@ class Pipeline:
             "model)."
         )
 
-    def _train_epoch(self, index, epoch, epochs, net, model, opt, st, steps) -> dict[str, float]:
+    def _train_epoch(
+        self, index, epoch, epochs, net, model, opt, sched, st, steps
+    ) -> dict[str, float]:
         """One epoch of phase `index`; `st` (an SVD phase's SVDTraining) adds its penalty
-        and counts every step, cutting ranks when due. Returns the epoch's sums over all
+        and counts every step, cutting ranks when due; `sched` steps here when it acts every
+        step. Returns the epoch's sums over all
         processes (loss terms weighted by samples; "correct" of "predicted" targets)."""
         cfg, env = self.cfg, self.env
         phase = PHASES[self.phases[index]]
@@ -568,6 +593,7 @@ class Pipeline:
         )
         # One compose for every SVD layer per step; a compiled model composes its own.
         grouped = contextlib.nullcontext if cfg.get("compile") else svdkern.grouped_compose
+        per_step = _per_step(sched)
         for i, (x, y) in enumerate(batches):
             with grouped(model):
                 out = net(x)
@@ -585,6 +611,8 @@ class Pipeline:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if per_step:
+                sched.step()
             if i + 1 == steps:
                 # The loss is checked before each step only: the last step can leave
                 # non-finite weights, which must be neither cut, checkpointed nor called good.

@@ -14,12 +14,14 @@ the final model as deployed (the run's --compress-policy), whose "forms" = {SVD 
 train_seconds is the wall-clock of all the training (steps, rank cuts, form tuning;
 not evaluation or checkpoints) of the phases that produced the model in this run,
 train_cpu_seconds the process's CPU time of the same (steadier on a shared machine);
-latency_ms = {batch: median ms} of its deployed form in eval mode, every model timed
-interleaved in one measurement ("latency" holds the same figures of dense and compressed).
+latency_ms = {batch: median ms} of its deployed form (batch norms folded) in eval mode, in
+--deploy-runtime, every model timed interleaved in one measurement ("latency" holds the same
+figures of dense and compressed, and the runtime).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +31,8 @@ import torch
 from torch import nn
 
 import svdkern
+from svdkern.fold import fold_batchnorm
+from svdkern.runtimes import prepare
 from svdkern.train import plots
 from svdkern.train.measure import deployed_forms, measure, spectra
 from svdkern.train.recipe import FINAL, PHASES, PRUNED, RESULTS
@@ -168,7 +172,9 @@ def _markdown(report: dict[str, Any], pictures: dict[str, str]) -> str:
         f"model **{cfg['model']}**, method **{cfg['method']}**, decomposition "
         f"{cfg['decomposition']}, λ_o = {cfg['orth']}, {cfg['sparsity']} λ_s = {cfg['strength']}, "
         + (f"energy ε = {prune}" if prune is not None else f"target MACs {cfg['target_flops']}")
-        + f"; {cfg['optimizer']} lr {cfg['lr']}, {cfg['schedule']} schedule, batch "
+        + f"; {cfg['optimizer']} lr {cfg['lr']}, {cfg['schedule']} schedule"
+        + (f" after {cfg['warmup_steps']} warm-up steps" if cfg.get("warmup_steps") else "")
+        + ", batch "
         f"{cfg['batch_size']}, epochs dense/svd/finetune {cfg['dense_epochs']}/"
         f"{cfg['svd_epochs']}/{cfg['finetune_epochs']}, seed {cfg['seed']}.",
         "",
@@ -210,8 +216,9 @@ def _markdown(report: dict[str, Any], pictures: dict[str, str]) -> str:
             "",
             f"## Inference latency ({lat['device']}, median of repeated calls, eval mode)",
             "",
-            f"Deployed with `svdkern.compress(policy={lat.get('policy', 'flops')!r})`; every "
-            "model timed interleaved in one measurement (also the table below).",
+            f"Deployed with `svdkern.compress(policy={lat.get('policy', 'flops')!r})`, batch "
+            f"norms folded, run in {lat.get('runtime', 'eager')}; every model timed "
+            "interleaved in one measurement (also the table below).",
             "",
             "| model | " + " | ".join(f"batch {b} (ms)" for b in lat["batches"]) + " |",
             "|---|" + "---|" * len(lat["batches"]),
@@ -255,6 +262,11 @@ def _markdown(report: dict[str, Any], pictures: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+# The large batch of the deployed models' latency: a language model's is in windows of
+# --seq-len tokens (256 of them take about a second per forward of gpt2-tiny on 2 cores).
+LATENCY_BATCH = {"classification": 256, "lm": 16}
+
+
 def finalize(run: Pipeline) -> tuple[dict[str, Any], dict[str, Path]]:
     """The end of a run: every trained model loaded once and deployed (the SVD ones by
     `svdkern.compress` with --compress-policy), all timed interleaved in one measurement so
@@ -263,19 +275,25 @@ def finalize(run: Pipeline) -> tuple[dict[str, Any], dict[str, Path]]:
     report and the written paths."""
     cfg, env, ds = run.cfg, run.env, run.ds
     final = FINAL[cfg["method"]]
-    batches = [1, min(256, len(ds.y_test))]
+    batches = [1, min(LATENCY_BATCH[ds.task], len(ds.y_test))]
     inputs = {b: ds.normalize(ds.x_test[:b].to(env.device)) for b in batches}
+    runtime = cfg.get("deploy_runtime", "eager")
     trained: dict[str, nn.Module] = {}
     deployed: dict[str, nn.Module] = {}
     for name in run.results:
         if name == "compressed":
             continue
         trained[name] = run.load_result(name)
-        svd = RESULTS[name].svd
-        deployed[name] = _deploy(run, trained[name], inputs) if svd else trained[name].eval()
+        if RESULTS[name].svd:
+            deployed[name] = _deploy(run, trained[name], inputs)
+        else:
+            deployed[name] = copy.deepcopy(trained[name]).eval()
+            fold_batchnorm(deployed[name])
     ms: dict[str, list[float]] = {name: [] for name in deployed}
     for b in batches:
-        for name, value in measure_latencies(deployed, inputs[b]).items():
+        examples = [((inputs[b],), {})]
+        running = {name: prepare(runtime, m, examples) for name, m in deployed.items()}
+        for name, value in measure_latencies(running, inputs[b]).items():
             ms[name].append(value)
     for name in deployed:
         run.results[name]["latency_ms"] = {
@@ -295,6 +313,7 @@ def finalize(run: Pipeline) -> tuple[dict[str, Any], dict[str, Path]]:
             "batches": batches,
             "ms": {"dense": ms["dense"], "compressed": ms[final]},
             "policy": cfg.get("compress_policy", "flops"),
+            "runtime": runtime,
         }
     spec = {}
     if "svd" in run.results:
@@ -324,16 +343,19 @@ def finalize(run: Pipeline) -> tuple[dict[str, Any], dict[str, Path]]:
 
 
 def _deploy(run: Pipeline, model: nn.Module, inputs: dict[int, torch.Tensor]) -> nn.Module:
-    """`model` compressed by --compress-policy, in eval mode: the latency policy times it at
-    the report's batches (a language model at the largest: token ids cannot be drawn as
-    random floats), the others count MACs at the run's example input."""
+    """`model` compressed by --compress-policy with its batch norms folded, in eval mode:
+    the latency policy times it in --deploy-runtime at the report's batches (a language
+    model at the largest: token ids cannot be drawn as random floats), the others count
+    MACs at the run's example input."""
     policy = run.cfg.get("compress_policy", "flops")
+    model = model.eval()
     if policy != "latency":
-        return svdkern.compress(model, policy, example_inputs=(run.example,)).eval()
+        return svdkern.compress(model, policy, example_inputs=(run.example,), fold_bn=True)
+    timing = {"runtime": run.cfg.get("deploy_runtime", "eager"), "fold_bn": True}
     if run.ds.task == "lm":
-        return svdkern.compress(model, policy, example_inputs=(inputs[max(inputs)],)).eval()
+        return svdkern.compress(model, policy, example_inputs=(inputs[max(inputs)],), **timing)
     shapes = [x.shape for x in inputs.values()]
-    return svdkern.compress(model, policy, input_shape=shapes).eval()
+    return svdkern.compress(model, policy, input_shape=shapes, **timing)
 
 
 def write_report(

@@ -280,7 +280,7 @@ def test_non_finite_weights_after_an_epoch_are_not_checkpointed_and_resume_goes_
     # The loss is finite before every step, but the last step of dense epoch 2 leaves a NaN.
     train_epoch = loop.Pipeline._train_epoch
 
-    def poisoned(self, index, epoch, epochs, net, model, opt, st, steps):
+    def poisoned(self, index, epoch, epochs, net, model, opt, sched, st, steps):
         if (self.phases[index], epoch) == ("dense", 1):
             step, calls = opt.step, []
 
@@ -293,7 +293,7 @@ def test_non_finite_weights_after_an_epoch_are_not_checkpointed_and_resume_goes_
                 return out
 
             opt.step = last_step_poisons
-        return train_epoch(self, index, epoch, epochs, net, model, opt, st, steps)
+        return train_epoch(self, index, epoch, epochs, net, model, opt, sched, st, steps)
 
     monkeypatch.setattr(loop.Pipeline, "_train_epoch", poisoned)
     run = tmp_path / "run"

@@ -193,6 +193,20 @@ def test_spatial_decomposition_and_target_flops_with_cnn(tmp_path):
     assert doc["models"]["pruned"]["macs"] <= 0.5 * doc["models"]["dense"]["macs"]
 
 
+def test_deploy_runtime_folds_and_times_every_deployed_model_in_onnxruntime(tmp_path):
+    pytest.importorskip("onnxruntime")
+    run = tmp_path / "run"
+    args = ["--model", "cnn", "--deploy-runtime", "onnxruntime", "--compress-policy", "flops"]
+    assert _train("--out", str(run), "--no-baselines", *args) == 0
+    doc = _report(run)
+    assert doc["latency"]["runtime"] == "onnxruntime"
+    assert all(v > 0 for m in doc["models"].values() for v in m["latency_ms"].values())
+    # Folding the batch norms is exact in eval mode: the deployed model classifies the test
+    # set as the pruned SVD model does.
+    assert doc["models"]["compressed"]["accuracy"] == doc["models"]["pruned"]["accuracy"]
+    assert "run in onnxruntime" in (run / "report.md").read_text()
+
+
 def test_config_file_sets_flags_and_command_line_wins(tmp_path):
     cfg = tmp_path / "run.toml"
     cfg.write_text(
