@@ -37,7 +37,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from svdkern.nn import SVDLayer
+from svdkern.nn import SVDLayer, swap_param
 
 __all__ = ["check_supported", "gathered", "sharded_factors", "unsharded"]
 
@@ -222,7 +222,7 @@ def _unshard_factor(layer: SVDLayer, name: str, sharded: nn.Parameter, optimizer
     if optimizer is not None:
         state = optimizer.state.get(sharded)
         state = None if not state else {k: _full(v) for k, v in state.items()}
-        _replace(optimizer, sharded, full, state)
+        swap_param(optimizer, sharded, full, state)
     setattr(layer, name, full)
 
 
@@ -260,7 +260,7 @@ def _reshard_factor(layer: SVDLayer, name: str, group, old, optimizer) -> None:
                 else v
                 for k, v in state.items()
             }
-        _replace(optimizer, param, sharded, state)
+        swap_param(optimizer, param, sharded, state)
 
 
 def _split_like(full: torch.Tensor, sharded: torch.Tensor) -> torch.Tensor:
@@ -269,20 +269,3 @@ def _split_like(full: torch.Tensor, sharded: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import distribute_tensor
 
     return distribute_tensor(full, sharded.device_mesh, sharded.placements, src_data_rank=None)
-
-
-def _replace(optimizer: torch.optim.Optimizer, old, new, state: dict | None) -> None:
-    """Put `new` in `old`'s param-group slots of `optimizer`, with `state` as its state."""
-    slots = [
-        (group, i)
-        for group in optimizer.param_groups
-        for i, p in enumerate(group["params"])
-        if p is old
-    ]
-    if not slots:
-        return
-    optimizer.state.pop(old, None)
-    if state:
-        optimizer.state[new] = state
-    for group, i in slots:
-        group["params"][i] = new

@@ -13,7 +13,7 @@ Example::
     pair = layer.to_lowrank()                         # Linear(64, 8) → Linear(8, 32)
 """
 
-from svdkern.nn._base import MODES, SVDLayer, svd_layers
+from svdkern.nn._base import MODES, SVDLayer, svd_layers, swap_param
 from svdkern.nn.attention import IN_PROJ, SVDMultiheadAttention
 from svdkern.nn.conv import DECOMPOSITIONS, SVDConv1d, SVDConv2d
 from svdkern.nn.grouped import grouped_compose
@@ -31,4 +31,5 @@ __all__ = [
     "grouped_compose",
     "is_conv1d_like",
     "svd_layers",
+    "swap_param",
 ]

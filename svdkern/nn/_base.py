@@ -298,7 +298,7 @@ class SVDLayer(nn.Module):
             swaps.append((name, old, new, state))
         for name, old, new, state in swaps:
             if optimizer is not None:
-                _swap_param(optimizer, old, new, state)
+                swap_param(optimizer, old, new, state)
             setattr(self, name, new)
         self.clear_forms()
         return self
@@ -363,10 +363,11 @@ def _sliced_state(
     return moved
 
 
-def _swap_param(
+def swap_param(
     optimizer: torch.optim.Optimizer, old: torch.Tensor, new: torch.Tensor, state: dict | None
 ) -> None:
-    """Put `new` in `old`'s place in `optimizer`: its param-group slots and its state."""
+    """Put `new` in `old`'s place in `optimizer`: its param-group slots and its state (a
+    rank cut's sliced parameter, or under FSDP its gathered or resharded form)."""
     slots = [
         (group, i)
         for group in optimizer.param_groups
