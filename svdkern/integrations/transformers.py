@@ -22,25 +22,38 @@ integrations (TensorBoard, W&B, ...) that the Trainer adds before user callbacks
 `svd_*` keys too; a callback passed in `Trainer(callbacks=[...])` adds them to the logs
 that later callbacks and `trainer.state.log_history` see.
 
-Resuming a Trainer run from one of its checkpoints after a cut is not supported: the
-Trainer reloads the weights with `model.load_state_dict`, which refuses other ranks.
+Every Trainer checkpoint also holds the SVDTraining's state (`svdkern_training.pt`: steps,
+cuts, forms). To resume from one saved after a cut, name it to `add_svd_training` as well
+as to `train`: the Trainer reloads its weights with `model.load_state_dict`, which needs
+the model at the checkpoint's ranks, so `add_svd_training(trainer, ...,
+resume_from_checkpoint=path)` first resizes the model's SVD layers to them (before the
+Trainer builds its optimizer, whose saved state then loads), and the callback restores the
+SVDTraining's state when training begins:
+
+    svd = add_svd_training(trainer, cut_every=50, resume_from_checkpoint=path)
+    trainer.train(resume_from_checkpoint=path)   # goes on as if never stopped
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from svdkern.nn import svd_layers
+from svdkern.state import load_state_dict
 from svdkern.train import checkpoint
 from svdkern.training import SVDTraining
 
-__all__ = ["COMPRESSED_FILE", "SVDTrainingCallback", "add_svd_training"]
+__all__ = ["COMPRESSED_FILE", "STATE_FILE", "SVDTrainingCallback", "add_svd_training"]
 
 COMPRESSED_FILE = "svdkern_compressed.pt"
+# The SVDTraining's state in every checkpoint folder the Trainer writes.
+STATE_FILE = "svdkern_training.pt"
 
 
 def _torch_optimizer(optimizer) -> torch.optim.Optimizer:
@@ -76,6 +89,9 @@ class SVDTrainingCallback(TrainerCallback):
         self.compress_policy = compress_policy
         self.training: SVDTraining | None = None
         self.compressed: torch.nn.Module | None = None
+        # The SVDTraining state to restore when training begins (add_svd_training's
+        # resume_from_checkpoint).
+        self.resume_state: dict[str, Any] | None = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None or not svd_layers(model):
@@ -87,6 +103,23 @@ class SVDTrainingCallback(TrainerCallback):
             raise ValueError("SVDTrainingCallback: the Trainer has no optimizer at train begin")
         self.training = SVDTraining(model, _torch_optimizer(optimizer), **self.kwargs)
         self.training.steps = state.global_step
+        if self.resume_state is not None:
+            if self.resume_state["steps"] != state.global_step:
+                raise ValueError(
+                    f"SVDTrainingCallback: the SVD training state to resume is of step "
+                    f"{self.resume_state['steps']} but the Trainer resumes at step "
+                    f"{state.global_step}: pass the same checkpoint to add_svd_training and "
+                    "to trainer.train(resume_from_checkpoint=...)"
+                )
+            self.training.load_state_dict(self.resume_state)
+            self.resume_state = None
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.training is None or not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if folder.is_dir():
+            checkpoint.save_atomic(self.training.state_dict(), folder / STATE_FILE)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.training.penalty().backward()
@@ -121,9 +154,56 @@ class SVDTrainingCallback(TrainerCallback):
             checkpoint.save_atomic(self.compressed, Path(args.output_dir) / COMPRESSED_FILE)
 
 
-def add_svd_training(trainer, **kwargs: Any) -> SVDTrainingCallback:
+def add_svd_training(
+    trainer, *, resume_from_checkpoint: str | os.PathLike | bool | None = None, **kwargs: Any
+) -> SVDTrainingCallback:
     """Add SVD training to `trainer` (a transformers `Trainer` whose model was decomposed):
-    an `SVDTrainingCallback(**kwargs)` placed first among its callbacks. Returns it."""
+    an `SVDTrainingCallback(**kwargs)` placed first among its callbacks. Returns it.
+
+    resume_from_checkpoint: the checkpoint folder (or True: the last one in the Trainer's
+        output_dir) that `trainer.train(resume_from_checkpoint=...)` will resume from: the
+        model's SVD layers are resized to its ranks now, before the Trainer builds its
+        optimizer and loads the weights, and the SVDTraining's state saved there is
+        restored when training begins. Call it before `trainer.train`, once.
+    """
     callback = SVDTrainingCallback(**kwargs)
+    if resume_from_checkpoint not in (None, False):
+        callback.resume_state = _resize_to_checkpoint(trainer, resume_from_checkpoint)
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback
+
+
+def _resize_to_checkpoint(trainer, path: str | os.PathLike | bool) -> dict[str, Any]:
+    """Resize `trainer.model`'s SVD layers to the ranks of the Trainer checkpoint `path`
+    (its weights loaded with `svdkern.load_state_dict`); returns the SVDTraining state
+    saved there."""
+    if path is True:
+        path = get_last_checkpoint(trainer.args.output_dir)
+        if path is None:
+            raise ValueError(
+                f"resume_from_checkpoint=True: no checkpoint folder in the Trainer's "
+                f"output_dir {trainer.args.output_dir}"
+            )
+    folder = Path(path)
+    state_file = folder / STATE_FILE
+    if not state_file.is_file():
+        raise ValueError(
+            f"resume_from_checkpoint: {folder} holds no {STATE_FILE} (it was not saved by a "
+            "Trainer with SVD training); resume it without add_svd_training's "
+            "resume_from_checkpoint"
+        )
+    safetensors, binary = folder / "model.safetensors", folder / "pytorch_model.bin"
+    if safetensors.is_file():
+        from safetensors.torch import load_file
+
+        weights = load_file(str(safetensors))
+    elif binary.is_file():
+        weights = torch.load(binary, map_location="cpu", weights_only=True)
+    else:
+        raise ValueError(
+            f"resume_from_checkpoint: {folder} holds neither model.safetensors nor "
+            "pytorch_model.bin (a sharded checkpoint is not supported)"
+        )
+    # Tied weights are saved once: strict=False lets their other names fill from the tie.
+    load_state_dict(trainer.model, weights, strict=False)
+    return torch.load(state_file, map_location="cpu", weights_only=False)

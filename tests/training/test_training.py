@@ -5,6 +5,7 @@ bad argument."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -210,7 +211,7 @@ def _lm_data(n: int = 32) -> torch.Tensor:
     return torch.randint(0, 64, (n, 16), generator=torch.Generator().manual_seed(2))
 
 
-def _trainer(model, ids, out, callback, steps_per_log=2):
+def _trainer(model, ids, out, callback, steps_per_log=2, **arguments):
     from torch.utils.data import SequentialSampler
 
     class InOrder(transformers.Trainer):
@@ -231,8 +232,10 @@ def _trainer(model, ids, out, callback, steps_per_log=2):
         use_cpu=True,
         disable_tqdm=True,
     )
+    args = dataclasses.replace(args, **arguments)
     data = [{"input_ids": x, "labels": x} for x in ids]
-    trainer = InOrder(model=model, args=args, train_dataset=data, callbacks=[callback])
+    callbacks = [] if callback is None else [callback]
+    trainer = InOrder(model=model, args=args, train_dataset=data, callbacks=callbacks)
     # The model's own mean loss over the shifted labels, as the plain loop takes it (not
     # the Trainer's sum over the batch's unshifted label count).
     trainer.model_accepts_loss_kwargs = False
@@ -282,6 +285,51 @@ def test_trainer_callback_matches_the_plain_loop(tmp_path):
             model(input_ids=ids[:2]).logits,
             atol=1e-4,
             rtol=1e-4,
+        )
+
+
+def test_a_trainer_run_resumed_after_a_cut_goes_on_as_if_never_stopped(tmp_path):
+    from svdkern.integrations.transformers import STATE_FILE, add_svd_training
+
+    ids = _lm_data()
+    kwargs = {"cut_every": 2, "cut_energy": 0.2, "example_kwargs": {"input_ids": ids[:1]}}
+    saving = {"save_strategy": "steps", "save_steps": 5}
+
+    whole = _trainer(_gpt2(), ids, tmp_path / "whole", None, **saving)
+    whole_svd = add_svd_training(whole, **kwargs)
+    whole.train()
+    # A checkpoint after the cuts of steps 2 and 4, which changed the ranks.
+    saved = tmp_path / "whole" / "checkpoint-5"
+    assert (saved / STATE_FILE).is_file()
+    assert whole_svd.training.history[1].changed
+
+    resumed = _trainer(_gpt2(), ids, tmp_path / "resumed", None, **saving)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        # The Trainer alone cannot load the cut weights into the fresh, full-rank model.
+        resumed.train(resume_from_checkpoint=str(saved))
+    resumed = _trainer(_gpt2(), ids, tmp_path / "resumed", None, **saving)
+    resumed_svd = add_svd_training(resumed, resume_from_checkpoint=saved, **kwargs)
+    resumed.train(resume_from_checkpoint=str(saved))
+
+    assert [c.to_dict() for c in resumed_svd.training.history] == [
+        c.to_dict() for c in whole_svd.training.history
+    ]
+    final, again = whole.model.state_dict(), resumed.model.state_dict()
+    assert final.keys() == again.keys()
+    for key in final:
+        torch.testing.assert_close(again[key], final[key], rtol=0, atol=0, msg=key)
+
+
+def test_resume_from_a_checkpoint_without_svd_state_is_refused(tmp_path):
+    from svdkern.integrations.transformers import add_svd_training
+
+    trainer = _trainer(_gpt2(), _lm_data(8), tmp_path, None)
+    (tmp_path / "checkpoint-3").mkdir()
+    with pytest.raises(ValueError, match=r"holds no svdkern_training\.pt"):
+        add_svd_training(trainer, resume_from_checkpoint=tmp_path / "checkpoint-3")
+    with pytest.raises(ValueError, match="no checkpoint folder"):
+        add_svd_training(
+            _trainer(_gpt2(), _lm_data(8), tmp_path / "new", None), resume_from_checkpoint=True
         )
 
 
