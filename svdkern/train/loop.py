@@ -573,8 +573,8 @@ class Pipeline:
     ) -> dict[str, float]:
         """One epoch of phase `index`; `st` (an SVD phase's SVDTraining) adds its penalty
         and counts every step, cutting ranks when due; `sched` steps here when it acts every
-        step. Returns the epoch's sums over all
-        processes (loss terms weighted by samples; "correct" of "predicted" targets)."""
+        step. Returns the epoch's sums over all processes (loss terms weighted by samples;
+        "correct" of "predicted" targets)."""
         cfg, env = self.cfg, self.env
         phase = PHASES[self.phases[index]]
         model.train()
