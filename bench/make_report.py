@@ -28,7 +28,11 @@ META = ("device", "torch", "triton", "git_sha", "date")
 TIME_COLUMNS = ("ms", "median_ms")
 # Columns that, with the op, describe a row's problem (in this order) when it has no `case`.
 # What a row of each result measures, for CSVs whose rows carry no `op` column.
-OPS = {"deploy_cpu": "deployed forward", "e2e_cpu": "training run"}
+OPS = {
+    "deploy_cpu": "deployed forward",
+    "e2e_cpu": "training run",
+    "runtimes_cpu": "deployed forward",
+}
 # Columns shown after the fixed ones, for results whose rows are more than a time.
 EXTRA_COLUMNS = {"e2e_cpu": ("accuracy", "bits_per_byte", "macs"), "deploy_cpu": ("macs",)}
 SHAPE_COLUMNS = (
@@ -135,6 +139,39 @@ TARGETS: list[Target] = [
     Target("compress(policy='latency') ≤ 1.0× dense, batch 1 and 256", "deploy_cpu", {},
            1.0, provider="compress-latency", column="vs_dense",
            group_by=("scenario", "rho", "batch"), platform="CPU"),
+    # Deployed latency per runtime (`make bench`, 2 cores, bench/test_bench_runtimes_cpu.py):
+    # speedup = dense ms / ms, both in the same runtime
+    Target("ResNet-20 ρ=0.25 compiled, latency policy tuned for b256: ≥ 1.4× compiled dense "
+           "at b256", "runtimes_cpu",
+           {"scenario": "resnet20", "rho": "0.25", "runtime": "compile", "batch": "256"}, 1.4,
+           kind="speedup", provider="compress-latency-b256", column="speedup", platform="CPU"),
+    Target("ResNet-20 ρ=0.25 compiled, latency policy tuned for b1/32/256: never slower than "
+           "compiled dense", "runtimes_cpu",
+           {"scenario": "resnet20", "rho": "0.25", "runtime": "compile"}, 1.0, kind="speedup",
+           provider="compress-latency", column="speedup", group_by=("batch",), platform="CPU"),
+    *(
+        Target(f"{title} ρ=0.25 compiled, latency policy: ≥ {bound}× compiled dense at b{b}",
+               "runtimes_cpu",
+               {"scenario": model, "rho": "0.25", "runtime": "compile", "batch": str(b)},
+               bound, kind="speedup", provider="compress-latency", column="speedup",
+               platform="CPU")
+        for model, title in (("bert-base", "BERT-base"), ("resnet50", "ResNet-50"))
+        for b, bound in ((1, 2.0), (8, 2.5))
+    ),
+    *(
+        Target(f"{title} ρ=0.25 compiled: latency policy ≤ 1.0× the MAC rule's model, b1 and b8",
+               "runtimes_cpu", {"scenario": model, "rho": "0.25", "runtime": "compile"}, 1.0,
+               provider="compress-latency", column="vs_flops", group_by=("batch",),
+               platform="CPU")
+        for model, title in (("bert-base", "BERT-base"), ("resnet50", "ResNet-50"))
+    ),
+    Target("ONNX Runtime: compressed (MAC rule) faster than dense exported the same way, every "
+           "model, ρ and batch", "runtimes_cpu", {"runtime": "onnxruntime"}, 1.0,
+           kind="speedup", provider="compress-flops", column="speedup",
+           group_by=("scenario", "rho", "batch"), platform="CPU"),
+    Target("ONNX Runtime: compressed model's outputs within 1e-4 (relative) of PyTorch's",
+           "runtimes_cpu", {"runtime": "onnxruntime"}, 1e-4, provider="compress-flops",
+           column="max_rel_err", group_by=("scenario", "rho", "batch"), platform="CPU"),
     # The main job end to end (`svdkern train`, default data and model, one run per method)
     Target("svd-adaptive train_seconds ≤ 1.0× dense (same run), seeds 0-2", "e2e_cpu",
            {"method": "svd-adaptive", "scenario": "digits-cnn"}, 1.0, provider="adaptive",
@@ -320,6 +357,33 @@ def result_table(rows: list[dict], baseline: str, stem: str = "") -> list[str]:
     return lines
 
 
+def runtime_table(rows: list[dict]) -> list[str]:
+    """Deployed latency per runtime: every row of runtimes_cpu with its ratio to the dense
+    model in the same runtime and to the fastest dense runtime."""
+    header = [
+        "model", "ρ", "batch", "runtime", "provider", "tuned at", "deployed", "ms",
+        "× dense same runtime", "× fastest dense", "vs MAC rule", "MACs", "params",
+        "max rel err",
+    ]  # fmt: skip
+    order = {"eager": 0, "compile": 1, "onnxruntime": 2}
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def key(r: dict) -> tuple:
+        return (r["scenario"], r["rho"] or "1", int(r["batch"]), order.get(r["runtime"], 9))
+
+    for r in sorted(rows, key=key):
+        fastest = f"{_fmt(r['vs_fastest_dense'])} ({r['fastest_dense']})"
+        err = r.get("max_rel_err", "")
+        cells = [
+            r["scenario"], r["rho"] or "—", r["batch"], r["runtime"], r["provider"],
+            r.get("tuned_batches", ""), r.get("chosen", ""), _fmt(r["median_ms"]),
+            _fmt(r["vs_dense_same_runtime"]), fastest, _fmt(r.get("vs_flops", "")),
+            _fmt(r["macs"]), _fmt(r["params"]), f"{float(err):.1e}" if err else "",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return lines
+
+
 def plot_train(rows: list[dict], path: Path, title: str) -> bool:
     if not rows or "vs_dense" not in rows[0] or "method" in rows[0]:
         return False  # whole training runs (one per method) are a table only
@@ -384,6 +448,9 @@ def render(results: dict[str, list[dict]], plots: bool = True) -> str:
     for stem, rows in sorted(results.items()):
         if not rows:
             continue
+        if stem == "runtimes_cpu":
+            parts += _runtime_section(rows)
+            continue
         train = "scenario" in rows[0]
         baseline = "dense" if train else "reference"
         for device, run_rows in latest_runs(rows).items():
@@ -403,6 +470,33 @@ def render(results: dict[str, list[dict]], plots: bool = True) -> str:
                 parts += [f"![{stem}]({png.relative_to(ROOT)})", ""]
             parts += [*result_table(run_rows, baseline, stem), ""]
     return "\n".join(parts)
+
+
+def _runtime_section(rows: list[dict]) -> list[str]:
+    parts = []
+    for device, run_rows in latest_runs(rows).items():
+        runs = dict.fromkeys(
+            f"torch {r['torch']}, git {r['git_sha']}, {r['date']}" for r in run_rows
+        )
+        parts += [
+            f"## Deployed latency per runtime — {device}",
+            "",
+            f"{'; '.join(runs)}. bench/test_bench_runtimes_cpu.py: random weights, every "
+            "decomposable layer cut to max(1, round(ρ·full rank)); eager, torch.compile "
+            "(inductor, freezing) and ONNX Runtime (CPU) as `svdkern.runtimes` runs them. "
+            "× dense same runtime = ms / the dense model's ms in that runtime (dense-copy: "
+            "the resolution); × fastest dense = ms / the fastest runtime's dense ms (named); "
+            'vs MAC rule = policy "latency" ms / policy "flops" ms; MACs per sample; '
+            "max rel err = largest |runtime − PyTorch| / largest |PyTorch output|; "
+            'deployed = the candidate policy "latency" chose.',
+            "",
+        ]
+        profiles = sorted((RESULTS / "runtimes_cpu_profiles").glob("*.md"))
+        if profiles:
+            links = ", ".join(f"[{p.stem}]({p.relative_to(ROOT)})" for p in profiles)
+            parts += [f"Top ops of the target rows: {links}.", ""]
+        parts += [*runtime_table(run_rows), ""]
+    return parts
 
 
 def main() -> int:
