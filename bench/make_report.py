@@ -276,7 +276,7 @@ def evaluate(target: Target, results: dict[str, list[dict]]) -> list[Outcome]:
         group = pick(ratios, key=ratios.get)
         ratio = ratios[group]
         met = ratio <= target.bound if target.kind == "time" else ratio >= target.bound
-        date = rows[0]["date"][:10]
+        date = groups[group][0]["date"][:10]  # the measured group's run, not the file's first
         label = " ".join(v for v in group if v) if len(ratios) > 1 else ""
         outcomes.append(Outcome(target, ratio, met, device, date, label))
     return outcomes or [Outcome(target)]
