@@ -101,18 +101,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _check_sharding(model: nn.Module, layers: list[tuple[str, SVDLayer]]) -> bool:
-    """Whether `model` is sharded by FSDP2 (`torch.distributed.fsdp.fully_shard` applied to
-    it and/or its blocks, on a data-parallel mesh; CPU with gloo too), which SVDTraining
-    supports: `penalty()` and the energy rule read U, s, V all-gathered from their shards,
-    and a cut gathers the cut layers' factors, their gradients and their optimizer state,
-    slices them and shards them anew in FSDP's parameter groups (`svdkern._fsdp`). Raises
-    ValueError naming the model for sharding it does not support: FSDP1
-    (`FullyShardedDataParallel`), a module of FSDP2's class without fully_shard's state,
-    SVD factors that are DTensors of tensor parallelism or that FSDP only replicates."""
-    return _fsdp.check_supported(model, layers)
-
-
 def _check_optimizer(optimizer, layers: list[tuple[str, SVDLayer]], sharded: dict) -> None:
     """`sharded`: {(layer, key): (group, FSDPParam)} of the factors FSDP2 shards, whose
     sharded parameter the optimizer must hold."""
@@ -165,7 +153,7 @@ class SVDTraining:
             all-gathers U, s, V to compute the loss (the sharded factors get their part of
             its gradient), and a cut gathers the cut layers' factors, gradients and
             optimizer state, slices them and shards them anew in FSDP's parameter groups,
-            so the model needs no re-wrapping (see `_check_sharding`). FSDP1
+            so the model needs no re-wrapping (`svdkern._fsdp`). FSDP1
             (`FullyShardedDataParallel`) and SVD factors under tensor parallelism are
             refused; under FSDP, `tune_forms` and `compress()` are not available.
         optimizer: the optimizer training it; it must hold every trainable U, s, V (under
@@ -234,7 +222,7 @@ class SVDTraining:
                 "model has no SVD layers (SVDLinear, SVDConv1d/2d, ...): convert it first with "
                 "svdkern.decompose(model), then build the optimizer from its parameters"
             )
-        self._sharded = _check_sharding(self.model, layers)
+        self._sharded = _fsdp.check_supported(self.model, layers)
         _check_optimizer(
             optimizer, layers, _fsdp.sharded_factors(self.model) if self._sharded else {}
         )

@@ -322,7 +322,7 @@ class Pipeline:
         cfg = self.cfg
         phase = PHASES[self.phases[index]]
         epochs, steps = cfg[phase.epochs], steps_per_epoch(self.ds, cfg["batch_size"])
-        opt, sched = self._optimizer(model, epochs, state)
+        opt, sched = self._optimizer(model, epochs, steps, state)
         if state is not None:
             checkpoint.set_rng_state(state["rng"])
         setup = _Stopwatch()  # counted as training time of the first epoch
@@ -374,11 +374,11 @@ class Pipeline:
                 )
 
     def _optimizer(
-        self, model: nn.Module, epochs: int, state: dict[str, Any] | None
+        self, model: nn.Module, epochs: int, steps: int, state: dict[str, Any] | None
     ) -> tuple[torch.optim.Optimizer, Any]:
-        """A phase's optimizer and LR schedule over `epochs`: fresh, or as in `state`."""
+        """A phase's optimizer and LR schedule over `epochs` of `steps`: fresh, or as in
+        `state`."""
         opt = _make_optimizer(model.parameters(), self.cfg)
-        steps = steps_per_epoch(self.ds, self.cfg["batch_size"])
         if state is not None and "T_max" in state["scheduler"]:
             # A run saved when cosine acted every epoch resumes that way.
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))

@@ -58,11 +58,10 @@ def test_a_run_saved_with_a_per_epoch_cosine_resumes_per_epoch():
     state = {"optimizer": opt.state_dict(), "scheduler": old.state_dict()}
 
     cfg = {**BASE, "schedule": "cosine", "warmup_steps": 0, "optimizer": "sgd", "lr": 1.0}
-    cfg |= {"momentum": 0.0, "weight_decay": 0.0, "batch_size": 2}
-    data = SimpleNamespace(y_train=torch.zeros(10), epoch_size=None)
-    run = SimpleNamespace(cfg=cfg, ds=data)  # what Pipeline._optimizer reads
+    cfg |= {"momentum": 0.0, "weight_decay": 0.0}
+    run = SimpleNamespace(cfg=cfg)  # what Pipeline._optimizer reads
     model = torch.nn.Linear(1, 1, bias=False)
-    opt2, sched = loop.Pipeline._optimizer(run, model, 4, state)
+    opt2, sched = loop.Pipeline._optimizer(run, model, 4, 5, state)
     assert isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR)
     assert not loop._per_step(sched)
     assert opt2.param_groups[0]["lr"] == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
