@@ -206,4 +206,4 @@ def _resize_to_checkpoint(trainer, path: str | os.PathLike | bool) -> dict[str, 
         )
     # Tied weights are saved once: strict=False lets their other names fill from the tie.
     load_state_dict(trainer.model, weights, strict=False)
-    return torch.load(state_file, map_location="cpu", weights_only=False)
+    return checkpoint.load(state_file)
