@@ -290,9 +290,9 @@ def finalize(run: Pipeline) -> tuple[dict[str, Any], dict[str, Path]]:
             deployed[name] = copy.deepcopy(trained[name]).eval()
             fold_batchnorm(deployed[name])
     ms: dict[str, list[float]] = {name: [] for name in deployed}
+    examples = [((inputs[b],), {}) for b in batches]
+    running = {name: prepare(runtime, m, examples) for name, m in deployed.items()}
     for b in batches:
-        examples = [((inputs[b],), {})]
-        running = {name: prepare(runtime, m, examples) for name, m in deployed.items()}
         for name, value in measure_latencies(running, inputs[b]).items():
             ms[name].append(value)
     for name in deployed:
