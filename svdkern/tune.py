@@ -361,25 +361,14 @@ def _measure(
     channels_last: bool,
     training: bool,
     repeats: int,
+    runtime: str = "eager",
 ) -> dict[str, float]:
-    """{form: median ms} of `layer`'s candidate forms at input `shape`."""
+    """{form: median ms} of `layer`'s candidate forms at input `shape` (the deployed forms
+    run in `runtime`; training is always eager)."""
     if training:
         fns = _training_candidates(layer, shape, dtype, input_grad, channels_last)
     else:
-        fns = _inference_candidates(layer, shape, dtype, channels_last)
-    return _time_interleaved(fns, repeats, layer.U.device)
-
-
-def _measure_deployed(
-    layer: SVDLayer,
-    shape: tuple[int, ...],
-    dtype: torch.dtype,
-    channels_last: bool,
-    runtime: str,
-    repeats: int,
-) -> dict[str, float]:
-    """{form: median ms} of `layer`'s deployed forms at input `shape`, run in `runtime`."""
-    fns = _inference_candidates(layer, shape, dtype, channels_last, runtime)
+        fns = _inference_candidates(layer, shape, dtype, channels_last, runtime)
     return _time_interleaved(fns, repeats, layer.U.device)
 
 
@@ -538,10 +527,10 @@ def _tune_layers(
         cached = use_cache and key in _CACHE
         if cached:
             form, times = _CACHE[key]
-        elif runtime != "eager":
-            times = _measure_deployed(layer, shape, dtype, channels_last, runtime, repeats)
         else:
-            times = _measure(layer, shape, dtype, input_grad, channels_last, training, repeats)
+            times = _measure(
+                layer, shape, dtype, input_grad, channels_last, training, repeats, runtime
+            )
         if not cached:
             form = min(times, key=times.get)
             if not training and times["lowrank"] > (1 - _DEPLOY_MARGIN) * times["dense"]:

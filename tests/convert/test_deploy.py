@@ -192,8 +192,8 @@ def test_fold_bn_of_a_model_in_train_mode_raises_naming_the_batch_norms():
     assert isinstance(plain[1], nn.BatchNorm2d) and plain.training
 
 
-# Choice logic in a runtime, with fake timers: the layer timings (`_measure_deployed` for a
-# runtime, `_measure` for eager) and the whole-model timing (`time_models`) are replaced;
+# Choice logic in a runtime, with fake timers: the layer timings (`_measure`, told the
+# runtime) and the whole-model timing (`time_models`) are replaced;
 # `runtimes.prepare` is replaced by a marker wrapper so that no compile or export runs.
 
 
@@ -216,11 +216,8 @@ def _fake_runtime(monkeypatch, layer_ms: dict[int, tuple[float, float]], model_m
         dense, lowrank = layer_ms[layer.rank]
         return {"dense": dense, "lowrank": lowrank}
 
-    def measure_deployed(layer, shape, dtype, channels_last, runtime, repeats):
+    def measure(layer, shape, dtype, input_grad, channels_last, training, repeats, runtime):
         return times(layer, shape, runtime)
-
-    def measure(layer, shape, dtype, input_grad, channels_last, training, repeats):
-        return times(layer, shape, "eager")
 
     def prepare(runtime, model, examples):
         model.eval()  # as the real runtimes do
@@ -230,7 +227,6 @@ def _fake_runtime(monkeypatch, layer_ms: dict[int, tuple[float, float]], model_m
         seen["models"].append({n: getattr(m, "runtime", "eager") for n, m in models.items()})
         return {name: list(model_ms[name][: len(examples)]) for name in models}
 
-    monkeypatch.setattr(tune, "_measure_deployed", measure_deployed)
     monkeypatch.setattr(tune, "_measure", measure)
     monkeypatch.setattr(runtimes, "prepare", prepare)
     monkeypatch.setattr(tune, "time_models", time_models)
