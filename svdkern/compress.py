@@ -20,7 +20,7 @@ import contextlib
 import copy
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -33,6 +33,7 @@ from svdkern.examples import Example
 from svdkern.fold import fold_batchnorm
 from svdkern.nn import SVDLayer, SVDMultiheadAttention, svd_layers
 from svdkern.tables import format_table
+from svdkern.trace import modes_kept
 
 __all__ = ["POLICIES", "CompressReport", "DeployedLayer", "compress"]
 
@@ -276,17 +277,6 @@ def compress(
     return deployed, what
 
 
-@contextlib.contextmanager
-def _modes_kept(model: nn.Module) -> Iterator[None]:
-    """Restore every module's train/eval flag on exit (the runtimes time in eval mode)."""
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 def _compress(
     model: nn.Module,
     policy: str,
@@ -345,7 +335,7 @@ def _compress(
         params = {rule: _params(m) for rule, (m, _) in candidates.items()}
         with contextlib.ExitStack() as stack:
             for m, _ in candidates.values():
-                stack.enter_context(_modes_kept(m))
+                stack.enter_context(modes_kept(m))
             running = {
                 rule: runtimes.prepare(runtime, m, examples) for rule, (m, _) in candidates.items()
             }

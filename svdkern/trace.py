@@ -47,6 +47,7 @@ __all__ = [
     "UncountedError",
     "layer_inputs",
     "layer_weights",
+    "modes_kept",
     "one_row_inputs",
     "trace_macs",
     "weight_reads",
@@ -73,21 +74,31 @@ _CONVS = (nn.Conv1d, nn.Conv2d)
 
 
 @contextlib.contextmanager
+def modes_kept(model: nn.Module) -> Iterator[None]:
+    """Every module's train/eval flag restored on exit, as the caller had it (a forward
+    run in eval mode for a measurement leaves the model's modes alone)."""
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+@contextlib.contextmanager
 def _example_forward(model: nn.Module) -> Iterator[None]:
     """Eval mode, no gradients, the MultiheadAttention fast path off (so the attention
     runs as the separate ops training runs, which FlopCounterMode can count); the
     training flags and the fast-path setting are restored afterwards."""
-    flags = {m: m.training for m in model.modules()}
     fastpath = torch.backends.mha.get_fastpath_enabled()
-    try:
-        model.eval()
-        torch.backends.mha.set_fastpath_enabled(False)
-        with torch.no_grad():
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-        for m, flag in flags.items():
-            m.training = flag
+    with modes_kept(model):
+        try:
+            model.eval()
+            torch.backends.mha.set_fastpath_enabled(False)
+            with torch.no_grad():
+                yield
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 # --- what each counted layer sees -----------------------------------------------------
@@ -260,26 +271,24 @@ def _attribute_reads(model: nn.Module, example: Example) -> dict[str, str]:
 
     classes: dict[tuple[type, tuple[str, ...]], type] = {}
     swapped: list[tuple[nn.Module, type]] = []
-    flags = {m: m.training for m in model.modules()}
-    try:
-        for _, m, names in watched:
-            cls = type(m)
-            if (cls, names) not in classes:
-                classes[cls, names] = _spy_class(cls, names, note)
-            try:
-                m.__class__ = classes[cls, names]
-            except TypeError:  # a class that cannot be swapped (e.g. with __slots__)
-                continue
-            swapped.append((m, cls))
-        model.eval()
-        with torch.no_grad():
-            example.run(model)
-    finally:
-        for m, cls in swapped:
-            m.__class__ = cls
-            m.__dict__.pop("_svdkern_active", None)
-        for m, flag in flags.items():
-            m.training = flag
+    with modes_kept(model):
+        try:
+            for _, m, names in watched:
+                cls = type(m)
+                if (cls, names) not in classes:
+                    classes[cls, names] = _spy_class(cls, names, note)
+                try:
+                    m.__class__ = classes[cls, names]
+                except TypeError:  # a class that cannot be swapped (e.g. with __slots__)
+                    continue
+                swapped.append((m, cls))
+            model.eval()
+            with torch.no_grad():
+                example.run(model)
+        finally:
+            for m, cls in swapped:
+                m.__class__ = cls
+                m.__dict__.pop("_svdkern_active", None)
     return {name: found[id(m)] for name, m, names in watched if names and id(m) in found}
 
 

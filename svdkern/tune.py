@@ -63,6 +63,7 @@ from svdkern import runtimes
 from svdkern.examples import Example
 from svdkern.nn import SVDLayer, svd_layers
 from svdkern.tables import format_table
+from svdkern.trace import modes_kept
 
 __all__ = [
     "LayerForm",
@@ -235,24 +236,22 @@ def _record_inputs(
 
         return record
 
-    flags = {m: m.training for m in model.modules()}
-    handles = [layer.register_forward_pre_hook(hook(name, layer)) for name, layer in layers]
-    try:
-        model.eval()
-        with torch.set_grad_enabled(training):
-            try:
-                model(*args, **kwargs)
-            except Exception as exc:
-                raise ValueError(
-                    "example_inputs: the model's forward failed on them "
-                    f"({type(exc).__name__}: {exc}); pass the arguments the model is called "
-                    "with, as a tensor or a tuple (plus example_kwargs)"
-                ) from exc
-    finally:
-        for h in handles:
-            h.remove()
-        for m, flag in flags.items():
-            m.training = flag
+    with modes_kept(model):
+        handles = [layer.register_forward_pre_hook(hook(name, layer)) for name, layer in layers]
+        try:
+            model.eval()
+            with torch.set_grad_enabled(training):
+                try:
+                    model(*args, **kwargs)
+                except Exception as exc:
+                    raise ValueError(
+                        "example_inputs: the model's forward failed on them "
+                        f"({type(exc).__name__}: {exc}); pass the arguments the model is called "
+                        "with, as a tensor or a tuple (plus example_kwargs)"
+                    ) from exc
+        finally:
+            for h in handles:
+                h.remove()
     return list(seen.values())
 
 
