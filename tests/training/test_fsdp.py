@@ -324,6 +324,10 @@ def _worker(case: str, out: str) -> None:
     try:
         result = _run(case, dist.get_rank(), dist.get_world_size())
         torch.save(result, Path(out) / f"rank{dist.get_rank()}.pt")
+        # Both processes done with every collective before either tears gloo down: a
+        # process that destroys the group while the other's last ops are in flight aborts
+        # ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
